@@ -1,0 +1,3 @@
+"""genfleet: a distributed generation service for deep generative models."""
+
+__version__ = "0.1.0"

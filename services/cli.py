@@ -1,0 +1,244 @@
+"""The ``genfleet`` command line.
+
+Commands available now: ``train`` (in-process with ``--local``), ``eval``, ``models``,
+``zoo`` (train every family that has no checkpoint yet, evaluate all, write grids and a
+report). Serving, cluster training and batch jobs add their commands in later releases.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from services.core.errors import GenfleetError, InvalidArgument
+
+log = logging.getLogger("genfleet")
+
+
+def _parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values are parsed as JSON when they parse, else strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise InvalidArgument("--set", f"expected key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def _threads(n: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(n or max(1, min(os.cpu_count() or 1, 8)))
+
+
+def _store(args: argparse.Namespace) -> Any:
+    from services.core.store import ModelStore
+
+    return ModelStore(args.store)
+
+
+# --------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace) -> int:
+    if not args.local:
+        raise InvalidArgument(
+            "--local", "only in-process training exists in this release; pass --local")
+    from services.training.recipes import train_and_save
+
+    _threads(args.threads)
+    train_overrides = {"epochs": args.epochs, "max_minutes": args.minutes,
+                       "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
+    checkpoint, result = train_and_save(
+        args.family, store=_store(args), name=args.name, data_spec=args.data,
+        config_overrides=_parse_sets(args.set), train_overrides=train_overrides,
+        evaluate=not args.no_eval, eval_samples=args.eval_samples, progress=not args.quiet,
+    )
+    print(f"trained {checkpoint.ref} ({checkpoint.family}) in {result.seconds:.0f} s, "
+          f"{result.steps} steps, {result.samples_per_second:.0f} samples/s -> {checkpoint.path}")
+    if checkpoint.metrics:
+        print(_format_metrics(checkpoint.metrics))
+    return 0
+
+
+def _format_metrics(metrics: dict[str, Any]) -> str:
+    keys = ("fd_ratio", "min_class_share", "mean_confidence", "label_accuracy",
+            "test_bits_per_dim", "init_fd_ratio", "sample_ms")
+    return "  ".join(f"{k}={metrics[k]:.3f}" for k in keys if isinstance(metrics.get(k), float))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from services.core import data as datasets
+    from services.core.store import load_model
+    from services.evaluation.report import evaluate_model, write_grid
+
+    _threads(args.threads)
+    store = _store(args)
+    model, meta = load_model(store, args.model)
+    splits = datasets.split(datasets.load(meta.data.get("name") or "digits"))
+    report = evaluate_model(model, splits, store=store, num_samples=args.num_samples,
+                            seed=args.seed, progress=not args.quiet, **_parse_sets(args.set))
+    print(f"{meta.ref} ({meta.family}), {args.num_samples} samples")
+    print(report.table())
+    for line in report.text_samples:
+        print(repr(line))
+    if splits.train.kind == "image":
+        out = Path(args.out or f"{meta.name}-v{meta.version}.png")
+        write_grid(model, out, title=f"{meta.family} {meta.ref}", **_parse_sets(args.set))
+        print(f"grid: {out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
+    if args.save:
+        store.update_metrics(meta.ref, report.to_json())
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    store = _store(args)
+    rows = store.list()
+    if not rows:
+        print(f"no models in {store.root}")
+        return 0
+    print(f"{'model':<18}{'family':<16}{'versions':<10}{'data':<12}{'fd/floor':<10}bits/dim")
+    for meta in rows:
+        m = meta.metrics
+        fd = f"{m['fd_ratio']:.2f}" if "fd_ratio" in m else "-"
+        bpd = f"{m['test_bits_per_dim']:.3f}" if "test_bits_per_dim" in m else "-"
+        print(f"{meta.ref:<18}{meta.family:<16}{len(store.versions(meta.name)):<10}"
+              f"{meta.data.get('name', '?'):<12}{fd:<10}{bpd}")
+    return 0
+
+
+def cmd_zoo(args: argparse.Namespace) -> int:
+    """Train every family that has no checkpoint yet; evaluate all; grids + report."""
+    from services.core import data as datasets
+    from services.core.errors import ModelNotFound
+    from services.core.store import load_model
+    from services.evaluation.report import evaluate_model, write_grid
+    from services.models import FAMILIES
+    from services.training.recipes import train_and_save
+
+    _threads(args.threads)
+    store = _store(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    families = args.families or sorted(FAMILIES)
+    splits = datasets.split(datasets.load(args.data))
+    results: dict[str, Any] = {}
+    for family in families:
+        try:
+            meta = store.meta(family)
+            print(f"[{family}] using {meta.ref} from {store.root}")
+        except ModelNotFound:
+            print(f"[{family}] no checkpoint: training (budget {args.minutes} min)")
+            meta, _ = train_and_save(family, store=store, data_spec=args.data,
+                                     train_overrides={"max_minutes": args.minutes},
+                                     evaluate=False, progress=not args.quiet)
+        model, meta = load_model(store, meta.ref)
+        report = evaluate_model(model, splits, store=store, num_samples=args.num_samples,
+                                progress=not args.quiet)
+        store.update_metrics(meta.ref, report.to_json())
+        grid = write_grid(model, out / f"{family}.png",
+                          title=f"{family} {meta.ref}  FD/floor {report.fd_ratio or 0:.2f}")
+        print(report.table())
+        print(f"grid: {grid}\n")
+        results[family] = {"model": meta.ref, "training": meta.training, **report.to_json()}
+    (out / "report.json").write_text(json.dumps(results, indent=2))
+    print(_zoo_table(results))
+    print(f"\nreport: {out / 'report.json'}")
+    return 0
+
+
+def _zoo_table(results: dict[str, Any]) -> str:
+    head = (f"{'family':<16}{'FD/floor':>9}{'min share':>10}{'conf':>7}{'bits/dim':>10}"
+            f"{'ms/sample':>10}{'train s':>9}")
+    lines = [head, "-" * len(head)]
+    for family, r in results.items():
+        bpd = r.get("test_bits_per_dim")
+        lines.append(
+            f"{family:<16}{r.get('fd_ratio', float('nan')):>9.2f}"
+            f"{r.get('min_class_share', float('nan')):>10.3f}"
+            f"{r.get('mean_confidence', float('nan')):>7.3f}"
+            f"{(f'{bpd:.3f}' if bpd is not None else '-'):>10}"
+            f"{r['sample_ms']:>10.2f}{r['training'].get('seconds', float('nan')):>9.0f}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------ parser
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="genfleet", description=__doc__.split("\n")[0])
+    parser.add_argument("--store", default=None,
+                        help="model store directory (default $GENFLEET_STORE or ~/.genfleet/store)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train a model family and store a new version")
+    p.add_argument("family")
+    p.add_argument("--local", action="store_true", help="train in this process")
+    p.add_argument("--data", default="digits", help="data spec (digits, mnist:DIR, ...)")
+    p.add_argument("--name", default=None, help="model name in the store (default: family)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--minutes", type=float, default=None, help="wall-time budget")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="model config override (repeatable), e.g. --set width=32")
+    p.add_argument("--no-eval", action="store_true", help="skip the quality evaluation")
+    p.add_argument("--eval-samples", type=int, default=1000)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="quality report of a stored model")
+    p.add_argument("model", help="name or name@version")
+    p.add_argument("-n", "--num-samples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                   help="sampler option (repeatable), e.g. --set steps=10")
+    p.add_argument("--out", default=None, help="PNG grid path")
+    p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.add_argument("--save", action="store_true", help="store the metrics in the checkpoint")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("models", help="list stored models")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("zoo", help="train (if needed) and evaluate all six families")
+    p.add_argument("--families", nargs="*", default=None)
+    p.add_argument("--data", default="digits")
+    p.add_argument("--minutes", type=float, default=4.5, help="training budget per family")
+    p.add_argument("-n", "--num-samples", type=int, default=1000)
+    p.add_argument("--out", default="zoo-report", help="directory for grids and report.json")
+    p.set_defaults(func=cmd_zoo)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    started = time.perf_counter()
+    try:
+        code: int = args.func(args)
+    except GenfleetError as exc:
+        print(f"genfleet: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("genfleet: interrupted", file=sys.stderr)
+        return 130
+    log.debug("done in %.1f s", time.perf_counter() - started)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sample-quality measurement: classifier feature space, Fréchet distance, grids."""

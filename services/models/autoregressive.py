@@ -1,0 +1,203 @@
+"""Autoregressive model: a small causal transformer over discrete values (pixel levels in
+raster order, or characters), in the style of nanoGPT / Image GPT (Chen et al. 2020).
+
+p(x) = prod_d p(x_d | x_<d, c). The first input token is the class c (or a "no class"
+token for unlabelled data), so the likelihood is exact and conditional on c. Without a
+label, a conditional model scores the exact class-marginal log sum_c pi_c p(x | c) and
+samples c ~ pi. Sampling is incremental with a key/value cache: one token per step.
+
+Shapes: B batch, D sequence length (C*H*W pixels or text length), V vocabulary (levels),
+E embedding size, N heads.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from services.models.base import (
+    Capability,
+    GenerativeModel,
+    LossOutput,
+    ModelConfig,
+    Noise,
+    OptionSpec,
+    ScoreKind,
+    StepCallback,
+)
+
+KVCache = list[tuple[Tensor, Tensor]]
+
+
+@dataclass(frozen=True)
+class AutoregressiveConfig(ModelConfig):
+    data_kind: Literal["image", "text"] = "image"
+    seq_len: int = 64  # text only: characters per example (images use C*H*W)
+    embed: int = 128  # E
+    layers: int = 4
+    heads: int = 4  # N
+    dropout: float = 0.1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.embed % self.heads:
+            raise ValueError("embed must be divisible by heads")
+        if self.data_kind == "text" and self.seq_len < 2:
+            raise ValueError("seq_len must be >= 2")
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        if self.data_kind == "text":
+            return (self.seq_len,)
+        return super().data_shape
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block with causal self-attention and an optional KV cache."""
+
+    def __init__(self, embed: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.heads = heads
+        self.ln1 = nn.LayerNorm(embed)
+        self.qkv = nn.Linear(embed, 3 * embed)
+        self.proj = nn.Linear(embed, embed)
+        self.ln2 = nn.LayerNorm(embed)
+        self.mlp = nn.Sequential(nn.Linear(embed, 4 * embed), nn.GELU(), nn.Linear(4 * embed, embed),
+                                 nn.Dropout(dropout))
+        self.dropout = dropout
+
+    def forward(self, h: Tensor, cache: tuple[Tensor, Tensor] | None = None
+                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        b, t, e = h.shape
+        q, k, v = self.qkv(self.ln1(h)).split(e, dim=2)
+        q, k, v = (a.view(b, t, self.heads, e // self.heads).transpose(1, 2) for a in (q, k, v))
+        if cache is not None:  # (B, N, T_past, E/N) each
+            k = torch.cat([cache[0], k], dim=2)
+            v = torch.cat([cache[1], v], dim=2)
+        att = F.scaled_dot_product_attention(
+            q, k, v, is_causal=cache is None, dropout_p=self.dropout if self.training else 0.0
+        )
+        h = h + self.proj(att.transpose(1, 2).reshape(b, t, e))
+        h = h + self.mlp(self.ln2(h))
+        return h, (k, v)
+
+
+class AutoregressiveModel(GenerativeModel):
+    class_prior: Tensor
+    family = "autoregressive"
+    Config = AutoregressiveConfig
+    capabilities = frozenset({Capability.SAMPLE, Capability.CONDITIONAL, Capability.LOG_PROB})
+    score_kind = ScoreKind.EXACT
+    sampler_options = {
+        "temperature": OptionSpec("float", 1.0, "softmax temperature (1 = the model)",
+                                  min=0.05, max=2.0),
+        "top_k": OptionSpec("int", 0, "sample among the k most likely values (0 = all)",
+                            min=0, max=65536),
+    }
+    train_defaults = {"lr": 1e-3, "batch_size": 64, "epochs": 200, "weight_decay": 0.05,
+                      "betas": (0.9, 0.95), "grad_clip": 1.0, "lr_warmup_steps": 200,
+                      "cosine_decay": True, "val_every": 5, "select_best": True}
+
+    def __init__(self, config: AutoregressiveConfig) -> None:
+        super().__init__(config)
+        self.cfg = config
+        c = config
+        self.length = math.prod(c.data_shape)  # D
+        self.start = nn.Embedding(c.num_classes + 1, c.embed)  # row K: "no class"
+        self.tokens = nn.Embedding(c.levels, c.embed)
+        self.positions = nn.Parameter(torch.zeros(self.length, c.embed))
+        nn.init.normal_(self.positions, std=0.02)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(_Block(c.embed, c.heads, c.dropout) for _ in range(c.layers))
+        self.ln_f = nn.LayerNorm(c.embed)
+        self.head = nn.Linear(c.embed, c.levels)
+        self.register_buffer("class_prior", torch.full((max(c.num_classes, 1),),
+                                                       1.0 / max(c.num_classes, 1)))
+
+    @property
+    def data_dtype(self) -> torch.dtype:
+        return torch.int64 if self.cfg.data_kind == "text" else torch.float32
+
+    def prepare(self, x: Tensor, labels: Tensor | None) -> None:
+        if labels is not None and self.cfg.num_classes:
+            counts = torch.bincount(labels, minlength=self.cfg.num_classes).float()
+            self.class_prior.copy_((counts + 1) / (counts.sum() + len(counts)))
+
+    def postprocess(self, x: Tensor) -> Tensor:
+        return x.long() if self.cfg.data_kind == "text" else super().postprocess(x)
+
+    def _tokens(self, x: Tensor) -> Tensor:
+        """Data -> (B, D) token ids in [0, V)."""
+        return x.long() if self.cfg.data_kind == "text" else self.to_levels(x).flatten(1)
+
+    def _start_ids(self, labels: Tensor | None, b: int, device: torch.device) -> Tensor:
+        if labels is None:
+            return torch.full((b,), self.cfg.num_classes, device=device, dtype=torch.long)
+        return labels
+
+    def _logits(self, tokens: Tensor, start: Tensor) -> Tensor:
+        """Teacher-forced logits (B, D, V): position d sees the class and x_<d."""
+        inp = torch.cat([self.start(start)[:, None], self.tokens(tokens[:, :-1])], dim=1)
+        h = self.drop(inp + self.positions)
+        for block in self.blocks:
+            h, _ = block(h)
+        return self.head(self.ln_f(h))
+
+    def _log_likelihood(self, tokens: Tensor, start: Tensor) -> Tensor:
+        logits = self._logits(tokens, start)
+        return -F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none").sum(1)
+
+    # ----------------------------------------------------------------- training
+    def forward(self, x: Tensor, *, labels: Tensor | None = None, phase: str = "main") -> LossOutput:
+        tokens = self._tokens(x)
+        start = self._start_ids(labels if self.cfg.num_classes else None, x.shape[0], x.device)
+        logits = self._logits(tokens, start)
+        loss = F.cross_entropy(logits.transpose(1, 2), tokens)  # nats per dim
+        return LossOutput(loss, {"bits_per_dim": float(loss.detach()) / math.log(2)})
+
+    # ---------------------------------------------------------------- inference
+    def _log_prob(self, x: Tensor, *, labels: Tensor | None) -> Tensor:
+        tokens = self._tokens(x)
+        b = tokens.shape[0]
+        if labels is not None or not self.cfg.num_classes:
+            return self._log_likelihood(tokens, self._start_ids(labels, b, tokens.device))
+        # exact marginal: log sum_c pi_c p(x | c)
+        per_class = torch.stack([
+            self._log_likelihood(tokens, torch.full((b,), c, device=tokens.device))
+            for c in range(self.cfg.num_classes)
+        ], dim=1)  # (B, K)
+        return torch.logsumexp(per_class + self.class_prior.log(), dim=1)
+
+    def _sample(self, noise: Noise, *, labels: Tensor | None, callback: StepCallback | None,
+                temperature: float, top_k: int) -> Tensor:
+        b = len(noise)
+        if self.cfg.num_classes and labels is None:
+            labels = noise.categorical(self.class_prior.expand(b, -1))
+        start = self._start_ids(labels, b, noise.device)
+        cache: KVCache | None = None
+        h_in = self.start(start)[:, None] + self.positions[:1]  # (B, 1, E)
+        out = torch.empty(b, self.length, dtype=torch.long, device=noise.device)
+        for d in range(self.length):  # D steps, one token each, reusing the cache
+            # 1. attend from position d to the cached keys/values of positions < d
+            h, new_cache = h_in, []
+            for i, block in enumerate(self.blocks):
+                h, kv = block(h, None if cache is None else cache[i])
+                new_cache.append(kv)
+            cache = new_cache
+            # 2. draw x_d from the softmax (each sample from its own stream)
+            logits = self.head(self.ln_f(h[:, -1])) / temperature  # (B, V)
+            if top_k and top_k < logits.shape[-1]:
+                kth = logits.topk(top_k, dim=-1).values[:, -1:]
+                logits = logits.masked_fill(logits < kth, -math.inf)
+            out[:, d] = noise.categorical(logits.softmax(-1))
+            if d + 1 < self.length:
+                h_in = self.tokens(out[:, d])[:, None] + self.positions[d + 1:d + 2]
+            self._step(callback, d + 1, self.length)
+        if self.cfg.data_kind == "text":
+            return out
+        return (out.float() / (self.cfg.levels - 1)).view(b, *self.data_shape)

@@ -1,0 +1,416 @@
+"""The one interface every generative family implements.
+
+Data convention: an image batch is a float tensor ``(B, C, H, W)`` whose values lie on
+the grid ``k / (levels - 1)`` for integer ``k`` in ``[0, levels)``; a text batch is an
+int64 tensor ``(B, L)`` of token ids in ``[0, levels)``. Likelihoods are of that discrete
+data, in nats per sample; ``bits_per_dim`` converts them.
+
+Reproducibility: every random draw of an inference method goes through ``Noise``, which
+keeps one ``torch.Generator`` per sample. Row ``i`` of a batch therefore depends only on
+its own seed, never on its batch-mates, and ``sample_seeds(seed, n)`` derives the seed of
+sample ``i`` of a request from ``(seed, i)`` alone.
+
+Shapes: B batch, C channels, H/W spatial, D = C*H*W dimensions, Z latent size.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import enum
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor, nn
+
+from services.core.errors import InvalidArgument, UnsupportedOperation
+
+
+class Capability(enum.StrEnum):
+    """What an inference call a family supports; advertised by ListModels."""
+
+    SAMPLE = "sample"
+    CONDITIONAL = "conditional"  # sample/score given a class label
+    LOG_PROB = "log_prob"
+    ENCODE = "encode"
+    DECODE = "decode"
+
+
+class ScoreKind(enum.StrEnum):
+    """How a ``log_prob`` relates to the true log-likelihood of the discrete data."""
+
+    EXACT = "exact"
+    LOWER_BOUND = "lower_bound"
+    UNNORMALIZED = "unnormalized"  # -energy: comparable within one model only
+
+
+StepCallback = Callable[[int, int], None]
+"""Called after each sampler step as ``callback(step, total)``; raising aborts sampling."""
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One per-request sampler/scoring option, with its type, default and bounds."""
+
+    kind: Literal["int", "float", "str", "bool"]
+    default: int | float | str | bool
+    help: str
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] = ()
+
+    def check(self, name: str, value: Any) -> int | float | str | bool:
+        """Return ``value`` converted to this option's type, or raise InvalidArgument."""
+        if self.kind == "bool":
+            if not isinstance(value, bool):
+                raise InvalidArgument(name, f"expected true or false, got {value!r}")
+            return value
+        if self.kind == "str":
+            if not isinstance(value, str) or (self.choices and value not in self.choices):
+                raise InvalidArgument(name, f"must be one of {list(self.choices)}, got {value!r}")
+            return value
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidArgument(name, f"expected a number, got {value!r}")
+        if self.kind == "int":
+            if float(value) != int(value):
+                raise InvalidArgument(name, f"expected an integer, got {value!r}")
+            value = int(value)
+        else:
+            value = float(value)
+            if not math.isfinite(value):
+                raise InvalidArgument(name, f"must be finite, got {value!r}")
+        lo = -math.inf if self.min is None else self.min
+        hi = math.inf if self.max is None else self.max
+        if not lo <= value <= hi:
+            raise InvalidArgument(name, f"must be in [{self.min}, {self.max}], got {value!r}")
+        return value
+
+
+def resolve_options(
+    specs: Mapping[str, OptionSpec], options: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Validate ``options`` against ``specs`` and fill in defaults.
+
+    Raises:
+        InvalidArgument: an unknown option, a value of the wrong type or out of range.
+    """
+    unknown = sorted(set(options) - set(specs))
+    if unknown:
+        allowed = sorted(specs) or "none"
+        raise InvalidArgument(f"options.{unknown[0]}", f"unknown option; allowed: {allowed}")
+    return {
+        name: spec.check(f"options.{name}", options[name]) if name in options else spec.default
+        for name, spec in specs.items()
+    }
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Fields every family shares: the shape of the data it models."""
+
+    channels: int = 1
+    image_size: int = 8
+    levels: int = 17  # discrete values per dimension (17 for digits, 256 for 8-bit images)
+    num_classes: int = 10  # 0: no labels
+
+    def __post_init__(self) -> None:
+        if self.channels < 1 or self.image_size < 1:
+            raise ValueError("channels and image_size must be positive")
+        if self.levels < 2:
+            raise ValueError("levels must be at least 2")
+        if self.num_classes < 0:
+            raise ValueError("num_classes must be >= 0")
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return (self.channels, self.image_size, self.image_size)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> ModelConfig:
+        """Build a config from JSON-like values; unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise InvalidArgument("config", f"unknown keys {unknown} for {cls.__name__}")
+        clean: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                                 for k, v in values.items()}
+        return cls(**clean)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class LossOutput:
+    """What ``forward`` returns: the loss to back-propagate and numbers to log."""
+
+    loss: Tensor
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """The seed of sample ``index`` of a request with seed ``seed`` (63 bits)."""
+    if seed < 0 or index < 0:
+        raise InvalidArgument("seed", "seed and index must be >= 0")
+    return _splitmix64(_splitmix64(seed & _MASK64) ^ index) >> 1
+
+
+def sample_seeds(seed: int, n: int, start: int = 0) -> list[int]:
+    """Per-sample seeds of samples ``start .. start+n-1`` of a request with ``seed``."""
+    return [sample_seed(seed, i) for i in range(start, start + n)]
+
+
+class Noise:
+    """Per-sample random streams: row ``i`` of every draw comes from generator ``i`` only.
+
+    Draws happen on the CPU (so results do not depend on the device) and are moved to
+    ``device``.
+    """
+
+    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu") -> None:
+        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+        self.device = torch.device(device)
+
+    def __len__(self) -> int:
+        return len(self.generators)
+
+    def randn(self, *shape: int) -> Tensor:
+        """Standard normal draws, ``(B, *shape)``."""
+        rows = [torch.randn(shape, generator=g) for g in self.generators]
+        return torch.stack(rows).to(self.device)
+
+    def rand(self, *shape: int) -> Tensor:
+        """Uniform [0, 1) draws, ``(B, *shape)``."""
+        rows = [torch.rand(shape, generator=g) for g in self.generators]
+        return torch.stack(rows).to(self.device)
+
+    def randint(self, high: int) -> Tensor:
+        """One integer in ``[0, high)`` per sample, ``(B,)`` int64."""
+        rows = [torch.randint(high, (1,), generator=g) for g in self.generators]
+        return torch.cat(rows).to(self.device)
+
+    def categorical(self, probs: Tensor) -> Tensor:
+        """One draw per row of ``probs`` ``(B, K)`` by inverting the CDF, ``(B,)`` int64."""
+        u = self.rand(1)  # (B, 1)
+        cdf = probs.cumsum(-1)
+        cdf = cdf / cdf[:, -1:]
+        return (cdf < u).sum(-1).clamp_(max=probs.shape[-1] - 1)
+
+
+class GenerativeModel(nn.Module, abc.ABC):
+    """Base class of the six families.
+
+    Training goes through ``forward`` (so DDP's gradient sync works); a family with two
+    optimisers declares ``phases``. Inference methods validate their input, then call a
+    private hook that the family overrides.
+    """
+
+    family: ClassVar[str]
+    Config: ClassVar[type[ModelConfig]] = ModelConfig
+    capabilities: ClassVar[frozenset[Capability]] = frozenset({Capability.SAMPLE})
+    phases: ClassVar[tuple[str, ...]] = ("main",)
+    score_kind: ClassVar[ScoreKind | None] = None
+    sampler_options: ClassVar[dict[str, OptionSpec]] = {}
+    score_options: ClassVar[dict[str, OptionSpec]] = {}
+    # Training defaults the generic loop starts from (keys of services.training.TrainConfig).
+    train_defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}")
+        self.config = config
+
+    def option_specs(self) -> dict[str, OptionSpec]:
+        """Sampler options of this model (defaults may depend on its config)."""
+        return dict(self.sampler_options)
+
+    # ----------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        for p in self.parameters():
+            return p.device
+        return torch.device("cpu")
+
+    @property
+    def data_shape(self) -> tuple[int, ...]:
+        return self.config.data_shape
+
+    @property
+    def data_dtype(self) -> torch.dtype:
+        return torch.float32
+
+    @property
+    def latent_shape(self) -> tuple[int, ...] | None:
+        """Shape of one latent for encode/decode, or None without latents."""
+        return None
+
+    @property
+    def num_dims(self) -> int:
+        return math.prod(self.data_shape)
+
+    # ------------------------------------------------------------------- training
+    @abc.abstractmethod
+    def forward(
+        self, x: Tensor, *, labels: Tensor | None = None, phase: str = "main"
+    ) -> LossOutput:
+        """Training loss for a batch of data ``x`` in ``phase``."""
+
+    def param_groups(self, phase: str) -> list[nn.Parameter]:
+        """Parameters the optimiser of ``phase`` updates."""
+        return list(self.parameters())
+
+    def prepare(self, x: Tensor, labels: Tensor | None) -> None:
+        """Called once with the whole training split before training (data statistics)."""
+
+    def on_train_step(self, step: int) -> None:
+        """Called after every optimiser step of the last phase."""
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()  # not inference_mode: the EBM needs gradients in x while sampling
+    def sample(
+        self,
+        seeds: Sequence[int],
+        *,
+        labels: Tensor | None = None,
+        callback: StepCallback | None = None,
+        **options: Any,
+    ) -> Tensor:
+        """Draw ``len(seeds)`` samples; sample ``i`` depends only on ``seeds[i]``.
+
+        Args:
+            seeds: one seed per sample (see ``sample_seeds``).
+            labels: ``(B,)`` class ids for conditional families; None lets the model pick
+                (each sample draws its class from its own stream, or samples
+                unconditionally where the family supports it).
+            callback: called after each sampler step; raising aborts the call.
+            **options: sampler options, see ``sampler_options``.
+
+        Returns:
+            ``(B, *data_shape)`` in the data convention of this module.
+        """
+        self._require(Capability.SAMPLE)
+        if len(seeds) == 0:
+            raise InvalidArgument("num_samples", "must be at least 1")
+        labels = self._check_labels(labels, len(seeds))
+        opts = resolve_options(self.option_specs(), options)
+        noise = Noise(seeds, self.device)
+        out = self._sample(noise, labels=labels, callback=callback, **opts)
+        return self.postprocess(out)
+
+    def log_prob(self, x: Tensor, *, labels: Tensor | None = None, **options: Any) -> Tensor:
+        """Log-likelihood (or bound, or -energy; see ``score_kind``) per sample, nats, ``(B,)``."""
+        self._require(Capability.LOG_PROB)
+        x = self._check_data(x)
+        labels = self._check_labels(labels, x.shape[0])
+        opts = resolve_options(self.score_options, options)
+        with torch.no_grad():
+            return self._log_prob(x, labels=labels, **opts)
+
+    def bits_per_dim(self, log_prob: Tensor) -> Tensor:
+        """Convert per-sample log-likelihoods in nats to bits per dimension."""
+        return -log_prob / (self.num_dims * math.log(2.0))
+
+    @torch.no_grad()
+    def encode(self, x: Tensor, *, labels: Tensor | None = None, **options: Any) -> Tensor:
+        """Latents ``(B, *latent_shape)`` of data ``x``."""
+        self._require(Capability.ENCODE)
+        x = self._check_data(x)
+        labels = self._check_labels(labels, x.shape[0])
+        opts = resolve_options(self.option_specs(), options)
+        return self._encode(x, labels=labels, **opts)
+
+    @torch.no_grad()
+    def decode(self, z: Tensor, *, labels: Tensor | None = None, **options: Any) -> Tensor:
+        """Data ``(B, *data_shape)`` from latents ``z``."""
+        self._require(Capability.DECODE)
+        shape = self.latent_shape
+        if shape is None or z.dim() != len(shape) + 1 or tuple(z.shape[1:]) != shape:
+            raise InvalidArgument("latents", f"expected shape (B, {shape}), got {tuple(z.shape)}")
+        if not torch.is_floating_point(z) or not torch.isfinite(z).all():
+            raise InvalidArgument("latents", "must be finite floating-point values")
+        labels = self._check_labels(labels, z.shape[0])
+        opts = resolve_options(self.option_specs(), options)
+        return self.postprocess(self._decode(z.to(self.device), labels=labels, **opts))
+
+    # ----------------------------------------------------------- family hooks
+    def _sample(
+        self, noise: Noise, *, labels: Tensor | None, callback: StepCallback | None, **opts: Any
+    ) -> Tensor:
+        raise UnsupportedOperation(f"{self.family} cannot sample")
+
+    def _log_prob(self, x: Tensor, *, labels: Tensor | None, **opts: Any) -> Tensor:
+        raise UnsupportedOperation(f"{self.family} has no log_prob")
+
+    def _encode(self, x: Tensor, *, labels: Tensor | None, **opts: Any) -> Tensor:
+        raise UnsupportedOperation(f"{self.family} cannot encode")
+
+    def _decode(self, z: Tensor, *, labels: Tensor | None, **opts: Any) -> Tensor:
+        raise UnsupportedOperation(f"{self.family} cannot decode")
+
+    # ------------------------------------------------------------------ helpers
+    def postprocess(self, x: Tensor) -> Tensor:
+        """Clamp to [0, 1] and snap to the data's level grid."""
+        top = self.config.levels - 1
+        return (x.float().clamp(0.0, 1.0) * top).round() / top
+
+    def to_levels(self, x: Tensor) -> Tensor:
+        """Data in [0, 1] -> integer levels ``[0, levels)`` int64."""
+        return (x * (self.config.levels - 1)).round().long()
+
+    def _require(self, capability: Capability) -> None:
+        if capability not in self.capabilities:
+            supported = sorted(c.value for c in self.capabilities)
+            raise UnsupportedOperation(
+                f"{self.family} models do not support {capability.value}; they support {supported}"
+            )
+
+    def _check_labels(self, labels: Tensor | None, n: int) -> Tensor | None:
+        if labels is None:
+            return None
+        if Capability.CONDITIONAL not in self.capabilities or self.config.num_classes == 0:
+            raise InvalidArgument("labels", f"this {self.family} model is not class-conditional")
+        if labels.shape != (n,) or labels.dtype not in (torch.int32, torch.int64):
+            raise InvalidArgument("labels", f"expected {n} integer labels, got {tuple(labels.shape)}")
+        k = self.config.num_classes
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= k):
+            raise InvalidArgument("labels", f"must be in [0, {k - 1}]")
+        return labels.long().to(self.device)
+
+    def _check_data(self, x: Tensor) -> Tensor:
+        shape = self.data_shape
+        if x.dim() != len(shape) + 1 or tuple(x.shape[1:]) != shape or x.shape[0] == 0:
+            raise InvalidArgument("data", f"expected shape (B>=1, {shape}), got {tuple(x.shape)}")
+        if self.data_dtype == torch.int64:
+            if x.dtype not in (torch.int32, torch.int64):
+                raise InvalidArgument("data", f"expected integer tokens, got {x.dtype}")
+            if int(x.min()) < 0 or int(x.max()) >= self.config.levels:
+                raise InvalidArgument("data", f"tokens must be in [0, {self.config.levels - 1}]")
+            return x.long().to(self.device)
+        if not torch.is_floating_point(x):
+            raise InvalidArgument("data", f"expected floating-point values, got {x.dtype}")
+        if not torch.isfinite(x).all() or float(x.min()) < 0.0 or float(x.max()) > 1.0:
+            raise InvalidArgument("data", "values must be finite and in [0, 1]")
+        return self.postprocess(x.to(self.device))
+
+    def _random_labels(self, noise: Noise) -> Tensor:
+        """A class per sample drawn from that sample's own stream."""
+        return noise.randint(self.config.num_classes)
+
+    @staticmethod
+    def _step(callback: StepCallback | None, step: int, total: int) -> None:
+        if callback is not None:
+            callback(step, total)

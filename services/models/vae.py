@@ -1,0 +1,222 @@
+"""Variational autoencoder (Kingma & Welling 2014), class-conditional (Sohn et al. 2015),
+with the importance-weighted bound of Burda et al. (2016) for scoring.
+
+The decoder is a categorical distribution over the data's discrete levels per dimension,
+so the ELBO is a bound on the likelihood of the discrete data itself (no dequantisation).
+Without a label, a conditional VAE scores the class-marginal
+log sum_c pi_c p(x | c) (a bound of the same kind) and samples c ~ pi.
+
+Shapes: B batch, C channels, H/W spatial, L levels, Z latent size, S importance samples.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from services.models.base import (
+    Capability,
+    GenerativeModel,
+    LossOutput,
+    ModelConfig,
+    Noise,
+    OptionSpec,
+    ScoreKind,
+    StepCallback,
+)
+
+
+@dataclass(frozen=True)
+class VAEConfig(ModelConfig):
+    latent_dim: int = 16  # Z
+    width: int = 32  # conv width at full resolution
+    hidden: int = 256  # fully connected layer between conv features and latent
+    kl_warmup_steps: int = 2000  # KL weight ramps 0 -> 1 over these steps (then a true ELBO)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.image_size % 2:
+            raise ValueError("image_size must be even")
+
+
+class VAEModel(GenerativeModel):
+    class_prior: Tensor
+    steps_seen: Tensor
+    family = "vae"
+    Config = VAEConfig
+    capabilities = frozenset({Capability.SAMPLE, Capability.CONDITIONAL, Capability.LOG_PROB,
+                              Capability.ENCODE, Capability.DECODE})
+    score_kind = ScoreKind.LOWER_BOUND
+    sampler_options = {
+        "temperature": OptionSpec("float", 1.0, "scale of the prior noise", min=0.0, max=2.0),
+        "output": OptionSpec("str", "mean", "decoder output: its mean, mode or a draw",
+                             choices=("mean", "mode", "sample")),
+    }
+    score_options = {
+        "bound": OptionSpec("str", "iwae", "elbo or the importance-weighted bound",
+                            choices=("elbo", "iwae")),
+        "samples": OptionSpec("int", 64, "importance samples S (iwae)", min=1, max=4096),
+    }
+    train_defaults = {"lr": 1e-3, "batch_size": 64, "epochs": 300, "weight_decay": 1e-4,
+                      "val_every": 5, "select_best": True, "ema_decay": 0.995}
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__(config)
+        self.cfg = config
+        c = config
+        w, half = c.width, c.image_size // 2
+        k = c.num_classes
+        self.encoder = nn.Sequential(
+            nn.Conv2d(c.channels, w, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(w, 2 * w, 4, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.SiLU(), nn.Flatten(),
+        )
+        self.enc_fc = nn.Sequential(nn.Linear(2 * w * half * half + k, c.hidden), nn.SiLU(),
+                                    nn.Linear(c.hidden, 2 * c.latent_dim))
+        self.dec_fc = nn.Sequential(nn.Linear(c.latent_dim + k, c.hidden), nn.SiLU(),
+                                    nn.Linear(c.hidden, 2 * w * half * half), nn.SiLU())
+        self.decoder = nn.Sequential(
+            nn.ConvTranspose2d(2 * w, w, 4, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(w, w, 3, padding=1), nn.SiLU(),
+            nn.Conv2d(w, c.channels * c.levels, 1),
+        )
+        self.register_buffer("class_prior", torch.full((max(k, 1),), 1.0 / max(k, 1)))
+        self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        assert isinstance(self.config, VAEConfig)
+        return (self.config.latent_dim,)
+
+    def prepare(self, x: Tensor, labels: Tensor | None) -> None:
+        if labels is not None and self.config.num_classes:
+            counts = torch.bincount(labels, minlength=self.config.num_classes).float()
+            self.class_prior.copy_((counts + 1) / (counts.sum() + len(counts)))
+
+    def on_train_step(self, step: int) -> None:
+        self.steps_seen += 1
+
+    # ----------------------------------------------------------------- networks
+    def _onehot(self, labels: Tensor | None, b: int, device: torch.device) -> Tensor:
+        if not self.config.num_classes:
+            return torch.zeros(b, 0, device=device)
+        assert labels is not None
+        return F.one_hot(labels, self.config.num_classes).float()
+
+    def _posterior(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        h = torch.cat([self.encoder(x * 2 - 1), y], dim=1)
+        mu, logvar = self.enc_fc(h).chunk(2, dim=1)  # (B, Z) each
+        return mu, logvar.clamp(-10, 10)
+
+    def _logits(self, z: Tensor, y: Tensor) -> Tensor:
+        """(B, Z) -> categorical logits (B, C, L, H, W)."""
+        c = self.config
+        half = c.image_size // 2
+        h = self.dec_fc(torch.cat([z, y], dim=1)).view(z.shape[0], -1, half, half)
+        out = self.decoder(h)  # (B, C*L, H, W)
+        return out.view(z.shape[0], c.channels, c.levels, c.image_size, c.image_size)
+
+    def _log_px_given_z(self, logits: Tensor, levels: Tensor) -> Tensor:
+        """Sum over dims of log p(x | z): logits (B, C, L, H, W), levels (B, C, H, W)."""
+        logp = F.log_softmax(logits, dim=2).gather(2, levels.unsqueeze(2)).squeeze(2)
+        return logp.flatten(1).sum(1)
+
+    # ----------------------------------------------------------------- training
+    def forward(self, x: Tensor, *, labels: Tensor | None = None, phase: str = "main") -> LossOutput:
+        assert isinstance(self.config, VAEConfig)
+        y = self._onehot(labels, x.shape[0], x.device)
+        mu, logvar = self._posterior(x, y)
+        z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
+        rec = self._log_px_given_z(self._logits(z, y), self.to_levels(x))
+        kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
+        warm = self.config.kl_warmup_steps
+        beta = min(1.0, float(self.steps_seen) / warm) if (warm and self.training) else 1.0
+        d = self.num_dims
+        loss = (-rec + beta * kl).mean() / d  # nats per dim
+        return LossOutput(loss, {"rec": float(-rec.mean().detach()) / d,
+                                 "kl": float(kl.mean().detach()) / d})
+
+    # ---------------------------------------------------------------- inference
+    def _decode_output(self, logits: Tensor, output: str, noise: Noise | None) -> Tensor:
+        top = self.config.levels - 1
+        probs = logits.softmax(dim=2)  # (B, C, L, H, W)
+        if output == "mode":
+            return probs.argmax(2).float() / top
+        if output == "sample" and noise is not None:
+            b, c, lv, h, w = probs.shape
+            flat = probs.permute(0, 1, 3, 4, 2).reshape(b, -1, lv)  # (B, D, L)
+            u = noise.rand(flat.shape[1], 1)  # (B, D, 1), each sample its own stream
+            idx = (flat.cumsum(-1) < u).sum(-1).clamp(max=lv - 1)
+            return idx.view(b, c, h, w).float() / top
+        grid = torch.arange(self.config.levels, device=logits.device, dtype=probs.dtype)
+        return (probs * grid.view(1, 1, -1, 1, 1)).sum(2) / top  # mean
+
+    def _sample(self, noise: Noise, *, labels: Tensor | None, callback: StepCallback | None,
+                temperature: float, output: str) -> Tensor:
+        assert isinstance(self.config, VAEConfig)
+        z = noise.randn(self.config.latent_dim) * temperature  # (B, Z)
+        if self.config.num_classes and labels is None:
+            labels = noise.categorical(self.class_prior.expand(len(noise), -1))
+        out = self._decode_output(self._logits(z, self._onehot(labels, len(z), z.device)),
+                                  output, noise)
+        self._step(callback, 1, 1)
+        return out
+
+    def _labels_or_argmax(self, x: Tensor, labels: Tensor | None) -> Tensor | None:
+        """Encode/decode without labels use the class the model finds most likely."""
+        if not self.config.num_classes or labels is not None:
+            return labels
+        per_class = self._per_class_bound(x, "elbo", 1)  # (B, K)
+        return per_class.argmax(1)
+
+    def _encode(self, x: Tensor, *, labels: Tensor | None, temperature: float,
+                output: str) -> Tensor:
+        labels = self._labels_or_argmax(x, labels)
+        mu, _ = self._posterior(x, self._onehot(labels, x.shape[0], x.device))
+        return mu
+
+    def _decode(self, z: Tensor, *, labels: Tensor | None, temperature: float,
+                output: str) -> Tensor:
+        if self.config.num_classes and labels is None:
+            labels = self.class_prior.argmax().expand(z.shape[0])
+        return self._decode_output(self._logits(z, self._onehot(labels, len(z), z.device)),
+                                   "mode" if output == "sample" else output, None)
+
+    # ------------------------------------------------------------------ scoring
+    def _bound(self, x: Tensor, labels: Tensor | None, bound: str, samples: int) -> Tensor:
+        """ELBO or IWAE bound on log p(x | labels), nats, (B,)."""
+        b = x.shape[0]
+        y = self._onehot(labels, b, x.device)
+        mu, logvar = self._posterior(x, y)
+        levels = self.to_levels(x)
+        s = 1 if bound == "elbo" else samples
+        gen = torch.Generator().manual_seed(0)
+        eps = torch.randn((s, *mu.shape), generator=gen).to(x.device)  # (S, B, Z)
+        std = (0.5 * logvar).exp()
+        z = mu + eps * std
+        flat_z = z.reshape(s * b, -1)
+        logits = self._logits(flat_z, y.repeat(s, 1))
+        log_px = self._log_px_given_z(logits, levels.repeat(s, 1, 1, 1)).view(s, b)
+        if bound == "elbo":
+            kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
+            return log_px[0] - kl
+        log_pz = (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum(-1)  # (S, B)
+        log_qz = (-0.5 * eps**2 - 0.5 * math.log(2 * math.pi) - 0.5 * logvar).sum(-1)
+        return torch.logsumexp(log_px + log_pz - log_qz, dim=0) - math.log(s)
+
+    def _per_class_bound(self, x: Tensor, bound: str, samples: int) -> Tensor:
+        k = self.config.num_classes
+        cols = [self._bound(x, torch.full((x.shape[0],), c, device=x.device), bound, samples)
+                for c in range(k)]
+        return torch.stack(cols, dim=1)  # (B, K)
+
+    def _log_prob(self, x: Tensor, *, labels: Tensor | None, bound: str, samples: int) -> Tensor:
+        if labels is not None or not self.config.num_classes:
+            return self._bound(x, labels, bound, samples)
+        # log sum_c pi_c p(x|c) >= logsumexp_c (log pi_c + bound_c): still a lower bound
+        per_class = self._per_class_bound(x, bound, samples)
+        return torch.logsumexp(per_class + self.class_prior.log(), dim=1)

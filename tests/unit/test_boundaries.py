@@ -1,0 +1,45 @@
+"""Dependency direction: model code imports neither ray nor grpc (DESIGN.md §2)."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import services.models
+
+MODELS = Path(services.models.__file__).parent
+FORBIDDEN = ("ray", "grpc", "google.protobuf", "services.serving", "services.gateway",
+             "services.training", "services.evaluation", "cluster")
+
+
+def _imports(path: Path) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+    return names
+
+
+def test_model_files_import_no_ray_grpc_or_upper_layers() -> None:
+    files = sorted(MODELS.glob("*.py"))
+    assert len(files) >= 8
+    for path in files:
+        for name in _imports(path):
+            assert not name.startswith(FORBIDDEN), f"{path.name} imports {name}"
+            if name.startswith("services."):
+                assert name.startswith(("services.models", "services.core.errors")), name
+
+
+def test_importing_every_family_loads_no_ray_or_grpc() -> None:
+    code = (
+        "import sys\n"
+        "from services.models import FAMILIES, model_class\n"
+        "for f in FAMILIES: model_class(f)\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('ray', 'grpc')]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
