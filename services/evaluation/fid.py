@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 from scipy import linalg
 
@@ -18,7 +20,9 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     mu_a, mu_b = a64.mean(0), b64.mean(0)
     cov_a, cov_b = np.cov(a64, rowvar=False), np.cov(b64, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)  # checked just below
+        covmean = linalg.sqrtm(cov_a @ cov_b)
     if not np.isfinite(covmean).all():  # near-singular product: regularise (as pytorch-fid)
         eps = np.eye(a.shape[1]) * 1e-6
         covmean = linalg.sqrtm((cov_a + eps) @ (cov_b + eps))

@@ -64,14 +64,14 @@ class FlowModel(GenerativeModel):
                               Capability.ENCODE, Capability.DECODE})
     score_kind = ScoreKind.LOWER_BOUND
     sampler_options = {
-        "temperature": OptionSpec("float", 0.8, "scale of the base noise (Glow's T)",
+        "temperature": OptionSpec("float", 1.0, "scale of the base noise (Glow's T)",
                                   min=0.0, max=2.0),
     }
     score_options = {
         "samples": OptionSpec("int", 8, "dequantisation samples S (tighter bound)", min=1,
                               max=1024),
     }
-    train_defaults = {"lr": 1e-3, "batch_size": 128, "epochs": 300, "weight_decay": 1e-5,
+    train_defaults = {"lr": 1e-3, "batch_size": 128, "epochs": 100, "weight_decay": 1e-5,
                       "grad_clip": 5.0, "select_best": True, "val_every": 5,
                       "ema_decay": 0.995, "cosine_decay": True}
 

@@ -110,7 +110,7 @@ class GANModel(GenerativeModel):
             min=0.0, max=2.0,
         ),
     }
-    train_defaults = {"lr": 2e-4, "betas": (0.0, 0.9), "batch_size": 64, "epochs": 300,
+    train_defaults = {"lr": 2e-4, "betas": (0.0, 0.9), "batch_size": 64, "epochs": 100,
                       "ema_decay": 0.999, "val_every": 1000}
 
     def __init__(self, config: GANConfig) -> None:

@@ -32,7 +32,7 @@ from services.models.base import (
 
 @dataclass(frozen=True)
 class VAEConfig(ModelConfig):
-    latent_dim: int = 16  # Z
+    latent_dim: int = 8  # Z (small: forces the decoder to use the label)
     width: int = 32  # conv width at full resolution
     hidden: int = 256  # fully connected layer between conv features and latent
     kl_warmup_steps: int = 2000  # KL weight ramps 0 -> 1 over these steps (then a true ELBO)
@@ -53,7 +53,7 @@ class VAEModel(GenerativeModel):
     score_kind = ScoreKind.LOWER_BOUND
     sampler_options = {
         "temperature": OptionSpec("float", 1.0, "scale of the prior noise", min=0.0, max=2.0),
-        "output": OptionSpec("str", "mean", "decoder output: its mean, mode or a draw",
+        "output": OptionSpec("str", "mode", "decoder output: its per-pixel mode, mean or a draw",
                              choices=("mean", "mode", "sample")),
     }
     score_options = {
@@ -61,7 +61,7 @@ class VAEModel(GenerativeModel):
                             choices=("elbo", "iwae")),
         "samples": OptionSpec("int", 64, "importance samples S (iwae)", min=1, max=4096),
     }
-    train_defaults = {"lr": 1e-3, "batch_size": 64, "epochs": 300, "weight_decay": 1e-4,
+    train_defaults = {"lr": 1e-3, "batch_size": 64, "epochs": 150, "weight_decay": 1e-4,
                       "val_every": 5, "select_best": True, "ema_decay": 0.995}
 
     def __init__(self, config: VAEConfig) -> None:

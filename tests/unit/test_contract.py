@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 from pathlib import Path
 
 import pytest
@@ -9,19 +11,32 @@ import torch
 
 from services.core.errors import InvalidArgument, UnsupportedOperation
 from services.core.store import ModelStore, load_model
-from services.models import FAMILIES, Capability, build, sample_seeds
+from services.core.data import load_digits
+from services.models import FAMILIES, Capability, GenerativeModel, build, sample_seeds
+from services.training.loop import TrainConfig, Trainer
 from tests.conftest import TINY_CONFIGS
 
 FAMILY_NAMES = sorted(FAMILIES)
 
 
-def _model(family: str, batch: tuple[torch.Tensor, torch.Tensor]):
+@functools.cache
+def _trained(family: str) -> GenerativeModel:
+    """A tiny model trained for a few steps on real digits (untrained ones can be
+    degenerate, e.g. a uniform decoder whose mean is the same for every seed)."""
+    data = load_digits()
+    x = torch.from_numpy(data.as_float()[:64])
+    y = torch.from_numpy(data.labels[:64])  # type: ignore[index]
+    torch.manual_seed(0)
     model = build(family, TINY_CONFIGS[family])
-    model.prepare(*batch)
-    with torch.no_grad():  # untrained outputs can be constant (e.g. a uniform decoder)
-        for p in model.parameters():
-            p.add_(0.5 * torch.randn_like(p))
+    model.prepare(x, y)
+    trainer = Trainer(model, TrainConfig(lr=3e-3))
+    for _ in range(15):
+        trainer.step(x, y)
     return model
+
+
+def _model(family: str, batch: tuple[torch.Tensor, torch.Tensor]) -> GenerativeModel:
+    return copy.deepcopy(_trained(family))
 
 
 def _labels(model, n: int) -> torch.Tensor | None:

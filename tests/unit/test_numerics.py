@@ -152,8 +152,7 @@ def test_langevin_steps_lower_the_energy_on_average(digits_batch) -> None:
     x, y = digits_batch
     model.prepare(x, y)
     noise = Noise(sample_seeds(0, 64))
-    start = model._init_draw(noise.categorical(model.init_prior.expand(64, -1)),
-                             noise.randn(64))
+    start = model._init_draw(noise.randn(64))
     end = model.langevin(start, steps=20, step_size=0.05, noise_scale=0.005, noise=noise)
     with torch.no_grad():
         before, after = model.energy(start).mean(), model.energy(end).mean()
