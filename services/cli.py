@@ -1,8 +1,9 @@
 """The ``genfleet`` command line.
 
-Commands available now: ``train`` (in-process with ``--local``), ``eval``, ``models``,
-``zoo`` (train every family that has no checkpoint yet, evaluate all, write grids and a
-report). Serving, cluster training and batch jobs add their commands in later releases.
+Model zoo: ``train`` (in-process with ``--local``), ``eval``, ``models``, ``zoo`` (train
+every family that has no checkpoint yet, evaluate all, write grids and a report).
+Serving (``services.cli_serve``): ``up``, ``down``, ``status``, ``scale``, ``deploy``,
+``generate``, ``score``, ``bench``.
 """
 
 from __future__ import annotations
@@ -148,7 +149,7 @@ def cmd_zoo(args: argparse.Namespace) -> int:
                                 progress=not args.quiet)
         store.update_metrics(meta.ref, report.to_json())
         grid = write_grid(model, out / f"{family}.png",
-                          title=f"{family} {meta.ref}  FD/floor {report.fd_ratio or 0:.2f}")
+                          title=f"{meta.ref}  FD/floor {report.fd_ratio or 0:.2f}")
         print(report.table())
         print(f"grid: {grid}\n")
         results[family] = {"model": meta.ref, "training": meta.training, **report.to_json()}
@@ -212,6 +213,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list stored models")
     p.set_defaults(func=cmd_models)
+
+    from services.cli_serve import add_parsers
+
+    add_parsers(sub)
 
     p = sub.add_parser("zoo", help="train (if needed) and evaluate all six families")
     p.add_argument("--families", nargs="*", default=None)

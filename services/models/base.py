@@ -302,14 +302,23 @@ class GenerativeModel(nn.Module, abc.ABC):
         Returns:
             ``(B, *data_shape)`` in the data convention of this module.
         """
-        self._require(Capability.SAMPLE)
-        if len(seeds) == 0:
-            raise InvalidArgument("num_samples", "must be at least 1")
-        labels = self._check_labels(labels, len(seeds))
-        opts = resolve_options(self.option_specs(), options)
+        labels, opts = self.check_sample_request(len(seeds), labels, options)
         noise = Noise(seeds, self.device)
         out = self._sample(noise, labels=labels, callback=callback, **opts)
         return self.postprocess(out)
+
+    def check_sample_request(self, n: int, labels: Tensor | None, options: Mapping[str, Any]
+                             ) -> tuple[Tensor | None, dict[str, Any]]:
+        """Validate a sampling request; returns (labels on the device, resolved options).
+
+        Raises:
+            UnsupportedOperation: the family cannot sample.
+            InvalidArgument: no samples, bad labels, unknown or out-of-range options.
+        """
+        self._require(Capability.SAMPLE)
+        if n < 1:
+            raise InvalidArgument("num_samples", "must be at least 1")
+        return self._check_labels(labels, n), resolve_options(self.option_specs(), options)
 
     def log_prob(self, x: Tensor, *, labels: Tensor | None = None, **options: Any) -> Tensor:
         """Log-likelihood (or bound, or -energy; see ``score_kind``) per sample, nats, ``(B,)``."""

@@ -3,6 +3,8 @@ with the importance-weighted bound of Burda et al. (2016) for scoring.
 
 The decoder is a categorical distribution over the data's discrete levels per dimension,
 so the ELBO is a bound on the likelihood of the discrete data itself (no dequantisation).
+With labels the prior is learned per class, p(z | c) = N(mu_c, diag sigma_c^2) (the prior
+network of Sohn et al.), so latents drawn for class c are ones the decoder reads as c.
 Without a label, a conditional VAE scores the class-marginal
 log sum_c pi_c p(x | c) (a bound of the same kind) and samples c ~ pi.
 
@@ -84,6 +86,11 @@ class VAEModel(GenerativeModel):
             nn.Conv2d(w, w, 3, padding=1), nn.SiLU(),
             nn.Conv2d(w, c.channels * c.levels, 1),
         )
+        # p(z | c): a learned Gaussian per class (row k: no class, the standard normal)
+        self.prior_mu = nn.Embedding(k + 1, c.latent_dim)
+        self.prior_logvar = nn.Embedding(k + 1, c.latent_dim)
+        nn.init.zeros_(self.prior_mu.weight)
+        nn.init.zeros_(self.prior_logvar.weight)
         self.register_buffer("class_prior", torch.full((max(k, 1),), 1.0 / max(k, 1)))
         self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
 
@@ -107,6 +114,20 @@ class VAEModel(GenerativeModel):
         assert labels is not None
         return F.one_hot(labels, self.config.num_classes).float()
 
+    def _prior(self, labels: Tensor | None, b: int, device: torch.device) -> tuple[Tensor, Tensor]:
+        """Mean and log-variance of p(z | c), (B, Z) each."""
+        k = self.config.num_classes
+        idx = labels if (labels is not None and k) else torch.full((b,), k, device=device)
+        if not k:
+            idx = torch.zeros(b, dtype=torch.long, device=device)
+        return self.prior_mu(idx), self.prior_logvar(idx).clamp(-6, 4)
+
+    @staticmethod
+    def _kl(mu: Tensor, logvar: Tensor, p_mu: Tensor, p_logvar: Tensor) -> Tensor:
+        """KL(N(mu, e^logvar) || N(p_mu, e^p_logvar)) summed over Z, (B,)."""
+        return 0.5 * (p_logvar - logvar + (logvar.exp() + (mu - p_mu) ** 2) / p_logvar.exp()
+                      - 1).sum(1)
+
     def _posterior(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         h = torch.cat([self.encoder(x * 2 - 1), y], dim=1)
         mu, logvar = self.enc_fc(h).chunk(2, dim=1)  # (B, Z) each
@@ -128,11 +149,12 @@ class VAEModel(GenerativeModel):
     # ----------------------------------------------------------------- training
     def forward(self, x: Tensor, *, labels: Tensor | None = None, phase: str = "main") -> LossOutput:
         assert isinstance(self.config, VAEConfig)
+        labels = labels if self.config.num_classes else None
         y = self._onehot(labels, x.shape[0], x.device)
         mu, logvar = self._posterior(x, y)
         z = mu + torch.randn_like(mu) * (0.5 * logvar).exp()
         rec = self._log_px_given_z(self._logits(z, y), self.to_levels(x))
-        kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
+        kl = self._kl(mu, logvar, *self._prior(labels, x.shape[0], x.device))
         warm = self.config.kl_warmup_steps
         beta = min(1.0, float(self.steps_seen) / warm) if (warm and self.training) else 1.0
         d = self.num_dims
@@ -158,9 +180,11 @@ class VAEModel(GenerativeModel):
     def _sample(self, noise: Noise, *, labels: Tensor | None, callback: StepCallback | None,
                 temperature: float, output: str) -> Tensor:
         assert isinstance(self.config, VAEConfig)
-        z = noise.randn(self.config.latent_dim) * temperature  # (B, Z)
+        eps = noise.randn(self.config.latent_dim) * temperature  # (B, Z)
         if self.config.num_classes and labels is None:
             labels = noise.categorical(self.class_prior.expand(len(noise), -1))
+        p_mu, p_logvar = self._prior(labels, len(eps), eps.device)
+        z = p_mu + eps * (0.5 * p_logvar).exp()  # z ~ p(z | c)
         out = self._decode_output(self._logits(z, self._onehot(labels, len(z), z.device)),
                                   output, noise)
         self._step(callback, 1, 1)
@@ -201,10 +225,11 @@ class VAEModel(GenerativeModel):
         flat_z = z.reshape(s * b, -1)
         logits = self._logits(flat_z, y.repeat(s, 1))
         log_px = self._log_px_given_z(logits, levels.repeat(s, 1, 1, 1)).view(s, b)
+        p_mu, p_logvar = self._prior(labels, b, x.device)
         if bound == "elbo":
-            kl = 0.5 * (mu**2 + logvar.exp() - 1 - logvar).sum(1)
-            return log_px[0] - kl
-        log_pz = (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum(-1)  # (S, B)
+            return log_px[0] - self._kl(mu, logvar, p_mu, p_logvar)
+        log_pz = (-0.5 * (z - p_mu) ** 2 / p_logvar.exp() - 0.5 * p_logvar
+                  - 0.5 * math.log(2 * math.pi)).sum(-1)  # (S, B)
         log_qz = (-0.5 * eps**2 - 0.5 * math.log(2 * math.pi) - 0.5 * logvar).sum(-1)
         return torch.logsumexp(log_px + log_pz - log_qz, dim=0) - math.log(s)
 
