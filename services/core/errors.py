@@ -52,3 +52,11 @@ class Cancelled(GenfleetError):
 
 class CheckpointError(GenfleetError):
     """A checkpoint in the store is unreadable or inconsistent."""
+
+
+class DeadlineExceeded(GenfleetError):
+    """The caller's deadline passed; the work on the replica was cancelled."""
+
+
+class Unauthenticated(GenfleetError):
+    """Missing or bad credentials (UNAUTHENTICATED)."""

@@ -43,3 +43,28 @@ def test_importing_every_family_loads_no_ray_or_grpc() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+SERVICES = MODELS.parent
+
+
+def _modules_importing(prefixes: tuple[str, ...]) -> set[str]:
+    found = set()
+    for path in SERVICES.rglob("*.py"):
+        if "pb" in path.relative_to(SERVICES).parts:
+            continue
+        if any(name.startswith(prefixes) for name in _imports(path)):
+            found.add(str(path.relative_to(SERVICES.parent)))
+    return found
+
+
+def test_only_serving_imports_ray() -> None:
+    offenders = {p for p in _modules_importing(("ray",))
+                 if not p.startswith(("services/serving/", "cluster/"))}
+    assert not offenders, offenders
+
+
+def test_only_the_gateway_imports_generated_protobuf_code() -> None:
+    offenders = {p for p in _modules_importing(("services.gateway.pb",))
+                 if not p.startswith("services/gateway/")}
+    assert not offenders, offenders

@@ -1,0 +1,169 @@
+"""Domain types of the serving API: what the gateway decodes protobuf into, what the Ray
+Serve replicas take and return. Plain dataclasses and numpy arrays: no torch, grpc or ray.
+
+Arrays: images are float32 ``(B, C, H, W)`` in [0, 1]; text is int64 ``(B, L)``; latents
+are float32 ``(B, *latent_shape)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from services.core import errors
+
+Output = Literal["tensor", "png", "both"]
+
+
+@dataclass(frozen=True)
+class OptionInfo:
+    name: str
+    kind: str  # int, float, str, bool
+    default: Any
+    help: str = ""
+    min: float | None = None
+    max: float | None = None
+    choices: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    family: str
+    version: int
+    capabilities: tuple[str, ...]
+    sample_shape: tuple[int, ...]
+    sample_dtype: str  # float32 or int64
+    levels: int
+    classes: tuple[str, ...]
+    data_kind: str  # image or text
+    sampler_options: tuple[OptionInfo, ...]
+    score_options: tuple[OptionInfo, ...]
+    score_kind: str | None
+    latent_shape: tuple[int, ...] | None
+    max_samples_per_request: int
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Timings:
+    queue_ms: float = 0.0
+    compute_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass
+class GenerateRequest:
+    model: str
+    num_samples: int
+    seed: int = 0
+    labels: tuple[int, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+    output: Output = "tensor"
+    start_index: int = 0
+    deadline: float | None = None  # absolute time.time(); work stops when it passes
+
+
+@dataclass
+class GenerateResult:
+    model: str
+    version: int
+    samples: np.ndarray | None
+    png: list[bytes]
+    text: list[str]
+    seeds: list[int]
+    labels: list[int]
+    start_index: int
+    timings: Timings
+
+
+@dataclass
+class ScoreRequest:
+    model: str
+    data: np.ndarray
+    labels: tuple[int, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+    deadline: float | None = None
+
+
+@dataclass
+class ScoreResult:
+    model: str
+    version: int
+    log_prob: list[float]
+    bits_per_dim: list[float]
+    kind: str
+    timings: Timings
+
+
+@dataclass
+class EncodeRequest:
+    model: str
+    data: np.ndarray
+    labels: tuple[int, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+    deadline: float | None = None
+
+
+@dataclass
+class EncodeResult:
+    model: str
+    version: int
+    latents: np.ndarray
+    timings: Timings
+
+
+@dataclass
+class DecodeRequest:
+    model: str
+    latents: np.ndarray
+    labels: tuple[int, ...] = ()
+    options: dict[str, Any] = field(default_factory=dict)
+    output: Output = "tensor"
+    deadline: float | None = None
+
+
+@dataclass
+class DecodeResult:
+    model: str
+    version: int
+    samples: np.ndarray | None
+    png: list[bytes]
+    text: list[str]
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class ErrorResult:
+    """A user-caused error carried as data across process boundaries (Ray, threads).
+
+    ``error`` is the name of a class in ``services.core.errors``.
+    """
+
+    error: str
+    message: str
+
+    @classmethod
+    def of(cls, exc: errors.GenfleetError) -> ErrorResult:
+        return cls(type(exc).__name__, str(exc))
+
+    def exception(self) -> errors.GenfleetError:
+        """The domain exception to raise on this side."""
+        klass = getattr(importlib.import_module("services.core.errors"), self.error, None)
+        if not (isinstance(klass, type) and issubclass(klass, errors.GenfleetError)):
+            klass = errors.GenfleetError
+        exc = klass.__new__(klass)
+        Exception.__init__(exc, self.message)
+        if isinstance(exc, errors.InvalidArgument):
+            exc.field = self.message.split(":", 1)[0]
+        return exc
+
+
+def unwrap(value: Any) -> Any:
+    """Raise the domain exception an ErrorResult carries; return anything else."""
+    if isinstance(value, ErrorResult):
+        raise value.exception()
+    return value

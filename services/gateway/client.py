@@ -1,0 +1,162 @@
+"""A small Python client for the gateway: numpy in and out, a deadline on every call,
+retry with exponential backoff and jitter on UNAVAILABLE and RESOURCE_EXHAUSTED.
+
+    with GenfleetClient("127.0.0.1:50051") as client:
+        out = client.generate("diffusion", 16, seed=7, labels=range(16))
+        out.samples.shape   # (16, 1, 8, 8)
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from services.gateway import codec
+from services.gateway.pb.genfleet.v1 import generation_pb2 as pb
+from services.gateway.pb.genfleet.v1 import generation_pb2_grpc as pb_grpc
+
+T = TypeVar("T")
+RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+_OUTPUT = {"tensor": pb.OUTPUT_FORMAT_TENSOR, "png": pb.OUTPUT_FORMAT_PNG,
+           "both": pb.OUTPUT_FORMAT_BOTH}
+
+
+@dataclass
+class Samples:
+    model: str
+    version: int
+    samples: np.ndarray | None
+    png: list[bytes]
+    text: list[str]
+    seeds: list[int]
+    timings: pb.Timings
+
+
+def _samples(resp: pb.GenerateResponse | pb.DecodeResponse) -> Samples:
+    tensor = codec.tensor_to_array(resp.samples, "samples") if resp.HasField("samples") else None
+    seeds = list(resp.seeds) if isinstance(resp, pb.GenerateResponse) else []
+    return Samples(resp.model, resp.version, tensor, list(resp.png), list(resp.text), seeds,
+                   resp.timings)
+
+
+class GenfleetClient:
+    """Blocking client. ``timeout`` is the default deadline of one call (seconds)."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None,
+                 tls_ca: Path | None = None, tls_cert: Path | None = None,
+                 tls_key: Path | None = None, timeout: float = 60.0, retries: int = 4,
+                 backoff_s: float = 0.1, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+        options = [("grpc.max_receive_message_length", max_message_bytes),
+                   ("grpc.max_send_message_length", max_message_bytes)]
+        if tls_ca or tls_cert:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=tls_ca.read_bytes() if tls_ca else None,
+                private_key=tls_key.read_bytes() if tls_key else None,
+                certificate_chain=tls_cert.read_bytes() if tls_cert else None)
+            self.channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        self.stub = pb_grpc.GenerationServiceStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff_s = backoff_s
+
+    def __enter__(self) -> GenfleetClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _retry(self, call: Callable[[float], T], timeout: float | None) -> T:
+        deadline = time.monotonic() + (timeout or self.timeout)
+        attempt = 0
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                return call(max(0.001, remaining))
+            except grpc.RpcError as exc:
+                attempt += 1
+                code = exc.code()
+                pause = self.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
+                if code not in RETRYABLE or attempt > self.retries or pause >= remaining:
+                    raise
+                time.sleep(pause)
+
+    # ------------------------------------------------------------------ calls
+    def list_models(self, timeout: float | None = None) -> list[pb.ModelInfo]:
+        resp = self._retry(lambda t: self.stub.ListModels(pb.ListModelsRequest(), timeout=t,
+                                                          metadata=self.metadata), timeout)
+        return list(resp.models)
+
+    def _generate_request(self, model: str, n: int, seed: int, labels: Iterable[int] | None,
+                          options: Mapping[str, Any] | None, output: str, start_index: int,
+                          chunk_size: int = 0) -> pb.GenerateRequest:
+        return pb.GenerateRequest(
+            model=model, num_samples=n, seed=seed, labels=list(labels or []),
+            options={k: codec.option_value(v) for k, v in (options or {}).items()},
+            output=_OUTPUT[output], start_index=start_index, chunk_size=chunk_size)
+
+    def generate(self, model: str, n: int, *, seed: int = 0, labels: Iterable[int] | None = None,
+                 options: Mapping[str, Any] | None = None, output: str = "tensor",
+                 start_index: int = 0, timeout: float | None = None) -> Samples:
+        req = self._generate_request(model, n, seed, labels, options, output, start_index)
+        resp = self._retry(lambda t: self.stub.Generate(req, timeout=t, metadata=self.metadata),
+                           timeout)
+        return _samples(resp)
+
+    def generate_stream(self, model: str, n: int, *, seed: int = 0,
+                        labels: Iterable[int] | None = None,
+                        options: Mapping[str, Any] | None = None, output: str = "tensor",
+                        chunk_size: int = 0, timeout: float | None = None) -> Iterator[Samples]:
+        req = self._generate_request(model, n, seed, labels, options, output, 0, chunk_size)
+        for resp in self.stub.GenerateStream(req, timeout=timeout or self.timeout,
+                                             metadata=self.metadata):
+            yield _samples(resp)
+
+    def score(self, model: str, data: np.ndarray, *, labels: Iterable[int] | None = None,
+              options: Mapping[str, Any] | None = None, timeout: float | None = None
+              ) -> pb.ScoreResponse:
+        req = pb.ScoreRequest(model=model, data=codec.array_to_tensor(data),
+                              labels=list(labels or []),
+                              options={k: codec.option_value(v) for k, v in (options or {}).items()})
+        return self._retry(lambda t: self.stub.Score(req, timeout=t, metadata=self.metadata),
+                           timeout)
+
+    def encode(self, model: str, data: np.ndarray, *, labels: Iterable[int] | None = None,
+               options: Mapping[str, Any] | None = None, timeout: float | None = None
+               ) -> np.ndarray:
+        req = pb.EncodeRequest(model=model, data=codec.array_to_tensor(data),
+                               labels=list(labels or []),
+                               options={k: codec.option_value(v) for k, v in (options or {}).items()})
+        resp = self._retry(lambda t: self.stub.Encode(req, timeout=t, metadata=self.metadata),
+                           timeout)
+        return codec.tensor_to_array(resp.latents, "latents")
+
+    def decode(self, model: str, latents: np.ndarray, *, labels: Iterable[int] | None = None,
+               options: Mapping[str, Any] | None = None, output: str = "tensor",
+               timeout: float | None = None) -> Samples:
+        req = pb.DecodeRequest(model=model, latents=codec.array_to_tensor(latents),
+                               labels=list(labels or []), output=_OUTPUT[output],
+                               options={k: codec.option_value(v) for k, v in (options or {}).items()})
+        resp = self._retry(lambda t: self.stub.Decode(req, timeout=t, metadata=self.metadata),
+                           timeout)
+        return _samples(resp)
+
+    def health(self, service: str = "", timeout: float = 5.0) -> str:
+        """SERVING, NOT_SERVING or SERVICE_UNKNOWN (standard grpc.health.v1)."""
+        resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service),
+                                      timeout=timeout)
+        return str(health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status))

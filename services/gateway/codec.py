@@ -1,0 +1,174 @@
+"""protobuf <-> domain (services.core.api). Validation of wire-level fields happens here:
+tensor byte lengths, dtypes, enum values, option values. No torch, no model logic."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from services.core import api
+from services.core.errors import InvalidArgument
+from services.gateway.pb.genfleet.v1 import generation_pb2 as pb
+
+_DTYPES: dict[int, np.dtype] = {
+    pb.DTYPE_FLOAT32: np.dtype("<f4"),
+    pb.DTYPE_INT64: np.dtype("<i8"),
+    pb.DTYPE_UINT8: np.dtype("u1"),
+}
+_PB_DTYPES = {"float32": pb.DTYPE_FLOAT32, "int64": pb.DTYPE_INT64, "uint8": pb.DTYPE_UINT8}
+_OUTPUTS = {pb.OUTPUT_FORMAT_UNSPECIFIED: "tensor", pb.OUTPUT_FORMAT_TENSOR: "tensor",
+            pb.OUTPUT_FORMAT_PNG: "png", pb.OUTPUT_FORMAT_BOTH: "both"}
+_SCORE_KINDS = {"exact": pb.SCORE_KIND_EXACT, "lower_bound": pb.SCORE_KIND_LOWER_BOUND,
+                "unnormalized": pb.SCORE_KIND_UNNORMALIZED}
+MAX_TENSOR_ELEMENTS = 1 << 26
+
+
+# ---------------------------------------------------------------- tensors
+def tensor_to_array(tensor: pb.Tensor, field: str) -> np.ndarray:
+    """A wire Tensor -> numpy array, checking dtype, shape and byte length.
+
+    Raises:
+        InvalidArgument: naming ``field`` and what is wrong.
+    """
+    if tensor.dtype not in _DTYPES:
+        raise InvalidArgument(f"{field}.dtype", "must be DTYPE_FLOAT32, DTYPE_INT64 or DTYPE_UINT8")
+    shape = tuple(int(d) for d in tensor.shape)
+    if not shape or any(d < 0 for d in shape):
+        raise InvalidArgument(f"{field}.shape", f"must be non-empty and non-negative, got {list(shape)}")
+    count = int(np.prod(shape, dtype=np.int64))
+    if count > MAX_TENSOR_ELEMENTS:
+        raise InvalidArgument(f"{field}.shape", f"at most {MAX_TENSOR_ELEMENTS} elements")
+    dtype = _DTYPES[tensor.dtype]
+    expected = count * dtype.itemsize
+    if len(tensor.data) != expected:
+        raise InvalidArgument(f"{field}.data", f"shape {list(shape)} of {dtype.name} needs "
+                                               f"{expected} bytes, got {len(tensor.data)}")
+    return np.frombuffer(tensor.data, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+def array_to_tensor(array: np.ndarray) -> pb.Tensor:
+    name = array.dtype.name
+    if name not in _PB_DTYPES:
+        array = array.astype(np.float32)
+        name = "float32"
+    data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<")).tobytes()
+    return pb.Tensor(dtype=_PB_DTYPES[name], shape=list(array.shape), data=data)
+
+
+# ---------------------------------------------------------------- options
+def options_from_pb(options: Mapping[str, pb.OptionValue]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, value in options.items():
+        kind = value.WhichOneof("value")
+        if kind is None:
+            raise InvalidArgument(f"options.{name}", "has no value")
+        out[name] = getattr(value, kind)
+    return out
+
+
+def option_value(value: Any) -> pb.OptionValue:
+    if isinstance(value, bool):
+        return pb.OptionValue(flag=value)
+    if isinstance(value, int | float):
+        return pb.OptionValue(number=float(value))
+    return pb.OptionValue(text=str(value))
+
+
+def _labels(labels: Any) -> tuple[int, ...]:
+    return tuple(int(v) for v in labels)
+
+
+def _output(value: int) -> api.Output:
+    output = _OUTPUTS.get(value)  # type: ignore[call-overload]
+    if output is None:
+        raise InvalidArgument("output", f"unknown OutputFormat {value}")
+    return output
+
+
+def _model(name: str) -> str:
+    if not name:
+        raise InvalidArgument("model", "is required (name or name@version)")
+    return name
+
+
+# ---------------------------------------------------------------- requests
+def generate_request_from_pb(req: pb.GenerateRequest, deadline: float | None
+                             ) -> api.GenerateRequest:
+    if req.num_samples < 1:
+        raise InvalidArgument("num_samples", f"must be >= 1, got {req.num_samples}")
+    return api.GenerateRequest(
+        model=_model(req.model), num_samples=req.num_samples, seed=req.seed,
+        labels=_labels(req.labels), options=options_from_pb(req.options),
+        output=_output(req.output), start_index=req.start_index, deadline=deadline)
+
+
+def score_request_from_pb(req: pb.ScoreRequest, deadline: float | None) -> api.ScoreRequest:
+    return api.ScoreRequest(model=_model(req.model), data=tensor_to_array(req.data, "data"),
+                            labels=_labels(req.labels), options=options_from_pb(req.options),
+                            deadline=deadline)
+
+
+def encode_request_from_pb(req: pb.EncodeRequest, deadline: float | None) -> api.EncodeRequest:
+    return api.EncodeRequest(model=_model(req.model), data=tensor_to_array(req.data, "data"),
+                             labels=_labels(req.labels), options=options_from_pb(req.options),
+                             deadline=deadline)
+
+
+def decode_request_from_pb(req: pb.DecodeRequest, deadline: float | None) -> api.DecodeRequest:
+    return api.DecodeRequest(model=_model(req.model),
+                             latents=tensor_to_array(req.latents, "latents"),
+                             labels=_labels(req.labels), options=options_from_pb(req.options),
+                             output=_output(req.output), deadline=deadline)
+
+
+# ---------------------------------------------------------------- responses
+def _timings(t: api.Timings) -> pb.Timings:
+    return pb.Timings(queue_ms=t.queue_ms, compute_ms=t.compute_ms, total_ms=t.total_ms)
+
+
+def generate_response_to_pb(result: api.GenerateResult) -> pb.GenerateResponse:
+    return pb.GenerateResponse(
+        model=result.model, version=result.version,
+        samples=array_to_tensor(result.samples) if result.samples is not None else None,
+        png=result.png, text=result.text, seeds=result.seeds, labels=result.labels,
+        start_index=result.start_index, timings=_timings(result.timings))
+
+
+def score_response_to_pb(result: api.ScoreResult) -> pb.ScoreResponse:
+    return pb.ScoreResponse(model=result.model, version=result.version,
+                            log_prob=result.log_prob, bits_per_dim=result.bits_per_dim,
+                            kind=_SCORE_KINDS.get(result.kind, pb.SCORE_KIND_UNSPECIFIED),
+                            timings=_timings(result.timings))
+
+
+def encode_response_to_pb(result: api.EncodeResult) -> pb.EncodeResponse:
+    return pb.EncodeResponse(model=result.model, version=result.version,
+                             latents=array_to_tensor(result.latents),
+                             timings=_timings(result.timings))
+
+
+def decode_response_to_pb(result: api.DecodeResult) -> pb.DecodeResponse:
+    return pb.DecodeResponse(
+        model=result.model, version=result.version,
+        samples=array_to_tensor(result.samples) if result.samples is not None else None,
+        png=result.png, text=result.text, timings=_timings(result.timings))
+
+
+def _option_info(o: api.OptionInfo) -> pb.OptionInfo:
+    return pb.OptionInfo(name=o.name, kind=o.kind, default_value=option_value(o.default),
+                         min=o.min, max=o.max, choices=list(o.choices), help=o.help)
+
+
+def model_info_to_pb(info: api.ModelInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=info.name, family=info.family, version=info.version,
+        capabilities=list(info.capabilities), sample_shape=list(info.sample_shape),
+        sample_dtype=_PB_DTYPES[info.sample_dtype], levels=info.levels,
+        classes=list(info.classes), data_kind=info.data_kind,
+        sampler_options=[_option_info(o) for o in info.sampler_options],
+        score_options=[_option_info(o) for o in info.score_options],
+        score_kind=_SCORE_KINDS.get(info.score_kind or "", pb.SCORE_KIND_UNSPECIFIED),
+        latent_shape=list(info.latent_shape or ()),
+        max_samples_per_request=info.max_samples_per_request, metrics=info.metrics)
