@@ -1,0 +1,197 @@
+"""Build the Serve application and operate it: start or join a cluster, deploy, scale,
+roll out a checkpoint version, report status.
+
+The application ``genfleet`` has one deployment per model (``ModelDeployment`` with the
+model's name) and a tiny ingress, ``Directory``, that lists them. Re-applying the app with
+one model's options changed updates only that deployment: ``user_config`` changes
+(version, batching) reconfigure live replicas; scaling changes add or remove replicas.
+The desired state is kept as JSON next to the store so that successive ``scale`` and
+``deploy`` commands compose.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import ray
+from ray import serve
+from ray.serve.config import ProxyLocation
+
+from services.core.errors import InvalidArgument, ModelNotFound, ModelNotReady
+from services.core.store import ModelStore
+from services.serving.config import ServeConfig
+from services.serving.deployment import ModelDeployment
+
+log = logging.getLogger("genfleet.serving")
+
+
+@serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
+class Directory:
+    """Ingress of the app: the names of the model deployments it holds."""
+
+    def __init__(self, models: dict[str, Any]) -> None:
+        self._names = sorted(models)
+
+    async def list(self) -> list[str]:
+        return self._names
+
+
+def pin_versions(config: ServeConfig, store: ModelStore) -> ServeConfig:
+    """Resolve every unpinned version to the store's latest, so that replicas started
+    later (scale-up, restarts) serve the same version as the others."""
+    for model in config.models.values():
+        if model.version is None:
+            _, model.version = store.resolve(model.name)
+        else:
+            store.resolve(f"{model.name}@{model.version}")  # raises ModelNotFound
+    return config
+
+
+def build_app(config: ServeConfig, store: ModelStore) -> serve.Application:
+    """The Serve application for ``config`` (versions must be pinned)."""
+    bound: dict[str, Any] = {}
+    for m in config.models.values():
+        deployment = cast(Any, ModelDeployment).options(
+            name=m.name,
+            max_ongoing_requests=m.max_ongoing_requests,
+            max_queued_requests=m.max_queued_requests,
+            autoscaling_config=m.autoscaling_config,
+            ray_actor_options=m.ray_actor_options,
+            user_config=m.user_config(),
+        )
+        bound[m.name] = deployment.bind(
+            m.name, str(store.root), device=m.device, autocast=m.autocast, threads=m.threads,
+            max_samples_per_request=m.max_samples_per_request)
+    app: serve.Application = cast(Any, Directory).bind(bound)
+    return app
+
+
+def state_path(store: ModelStore) -> Path:
+    return store.root.parent / "run" / "serve-state.json"
+
+
+def save_state(config: ServeConfig, store: ModelStore) -> None:
+    path = state_path(store)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(config.to_json())
+    tmp.replace(path)
+
+
+def load_state(store: ModelStore) -> ServeConfig:
+    path = state_path(store)
+    if not path.exists():
+        raise ModelNotFound(f"nothing is deployed from {store.root} (no {path}); run genfleet up")
+    return ServeConfig.from_json(path.read_text())
+
+
+# ------------------------------------------------------------------ cluster
+def start_cluster(address: str | None = None, *, num_cpus: int | None = None,
+                  metrics_port: int | None = None) -> None:
+    """Join ``address``, or start an embedded local cluster with explicit logical CPUs."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "0")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        return
+    ray.init(num_cpus=num_cpus if num_cpus is not None else max(4, os.cpu_count() or 2),  # logical
+             include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
+             _metrics_export_port=metrics_port)
+
+
+def connect(address: str | None = None) -> None:
+    """Join a running cluster (``auto``: the local one ``genfleet up`` started)."""
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address or "auto", logging_level=logging.ERROR, log_to_driver=False)
+    except ConnectionError as exc:
+        raise ModelNotReady(f"no Ray cluster at {address or 'auto'}: run genfleet up") from exc
+
+
+def stop_cluster(*, embedded: bool) -> None:
+    """Shut Serve down (when this process started the cluster) and leave Ray."""
+    if embedded and ray.is_initialized():
+        serve.shutdown()
+    ray.shutdown()
+
+
+def deploy(config: ServeConfig, store: ModelStore) -> None:
+    """Apply ``config`` (pinning versions) and wait until every deployment is running."""
+    pin_versions(config, store)
+    serve.start(proxy_location=ProxyLocation.Disabled)
+    serve.run(build_app(config, store), name=config.app_name, route_prefix=None, blocking=False)
+    save_state(config, store)
+
+
+def scale(store: ModelStore, name: str, *, min_replicas: int | None = None,
+          max_replicas: int | None = None, gpus: float | None = None) -> ServeConfig:
+    """Change one model's replica bounds (and GPUs per replica); others are untouched.
+
+    Giving only one bound moves the other when needed (``--max 1`` lowers a min of 2).
+    """
+    config = load_state(store)
+    model = config.model(name)
+    scaling = dict(model.autoscaling_config)
+    lo, hi = int(scaling.get("min_replicas", 1)), int(scaling.get("max_replicas", 1))
+    if min_replicas is not None:
+        lo = min_replicas
+        hi = max(hi, lo) if max_replicas is None else hi
+    if max_replicas is not None:
+        hi = max_replicas
+        lo = min(lo, hi) if min_replicas is None else lo
+    model.autoscaling_config = {**scaling, "min_replicas": lo, "max_replicas": hi}
+    if gpus is not None:
+        if gpus < 0:
+            raise InvalidArgument("gpus", "must be >= 0")
+        model.ray_actor_options = {**model.ray_actor_options, "num_gpus": gpus}
+    model.validate()
+    deploy(config, store)
+    return config
+
+
+def rollout(store: ModelStore, name: str, version: int | None,
+            batching: dict[str, Any] | None = None) -> ServeConfig:
+    """Serve ``version`` (latest when None) of ``name`` by reconfiguring its replicas;
+    ``batching`` changes the dynamic-batching settings the same way (no restart)."""
+    config = load_state(store)
+    model = config.model(name)
+    model.version = store.resolve(name if version is None else f"{name}@{version}")[1]
+    model.batching = {**model.batching, **(batching or {})}
+    model.validate()
+    deploy(config, store)
+    return config
+
+
+@dataclass
+class DeploymentStatus:
+    name: str
+    status: str
+    version: int | None
+    replicas: dict[str, int]
+    min_replicas: int
+    max_replicas: int
+    queued: int | None
+
+
+def status(config: ServeConfig) -> list[DeploymentStatus]:
+    """Replica states per model, with the configured bounds and version."""
+    app = serve.status().applications.get(config.app_name)
+    rows = []
+    for name, m in config.models.items():
+        dep = app.deployments.get(name) if app else None
+        rows.append(DeploymentStatus(
+            name=name, status=str(dep.status.value if dep else "NOT_DEPLOYED"),
+            version=m.version,
+            replicas={str(k.value if hasattr(k, "value") else k): int(v)
+                      for k, v in (dep.replica_states.items() if dep else [])},
+            min_replicas=int(m.autoscaling_config.get("min_replicas", 1)),
+            max_replicas=int(m.autoscaling_config.get("max_replicas", 1)),
+            queued=None,
+        ))
+    return rows

@@ -1,0 +1,121 @@
+"""Serve configuration: ``cluster/configs/serve.yaml`` parsed and validated (no Ray).
+
+The same structure is the desired state that ``genfleet scale`` / ``genfleet deploy``
+edit and re-apply, so a later change never reverts an earlier one.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from services.core.errors import InvalidArgument
+from services.core.store import check_name
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "cluster" / "configs" / "serve.yaml"
+
+_MODEL_KEYS = {"device", "autocast", "threads", "max_samples_per_request", "max_ongoing_requests",
+               "max_queued_requests", "autoscaling_config", "ray_actor_options", "batching",
+               "version"}
+
+
+@dataclass
+class ModelServeConfig:
+    name: str
+    device: str = "auto"
+    autocast: str | None = None
+    threads: int = 1
+    max_samples_per_request: int = 256
+    max_ongoing_requests: int = 32
+    max_queued_requests: int = 64
+    autoscaling_config: dict[str, Any] = field(default_factory=lambda: {
+        "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 8})
+    ray_actor_options: dict[str, Any] = field(default_factory=lambda: {"num_cpus": 0.25})
+    batching: dict[str, Any] = field(default_factory=lambda: {
+        "max_batch_size": 32, "batch_wait_timeout_s": 0.005})
+    version: int | None = None  # None: the latest in the store when deployed
+
+    def validate(self) -> None:
+        check_name(self.name)
+        scaling = self.autoscaling_config
+        lo, hi = int(scaling.get("min_replicas", 1)), int(scaling.get("max_replicas", 1))
+        if not 0 <= lo <= hi or hi < 1:
+            raise InvalidArgument(f"{self.name}.autoscaling_config",
+                                  f"need 0 <= min_replicas <= max_replicas, max >= 1; got {lo}, {hi}")
+        if self.max_queued_requests < 1 and self.max_queued_requests != -1:
+            raise InvalidArgument(f"{self.name}.max_queued_requests", "must be >= 1 (or -1)")
+        if int(self.batching.get("max_batch_size", 1)) < 1:
+            raise InvalidArgument(f"{self.name}.batching.max_batch_size", "must be >= 1")
+        if float(self.ray_actor_options.get("num_gpus", 0)) < 0:
+            raise InvalidArgument(f"{self.name}.ray_actor_options.num_gpus", "must be >= 0")
+        if self.autocast not in (None, "bf16", "fp16"):
+            raise InvalidArgument(f"{self.name}.autocast", "must be bf16, fp16 or null")
+
+    def user_config(self) -> dict[str, Any]:
+        """What the replicas' ``reconfigure`` receives (changeable without a restart)."""
+        return {"version": self.version, **self.batching}
+
+
+@dataclass
+class ServeConfig:
+    app_name: str = "genfleet"
+    models: dict[str, ModelServeConfig] = field(default_factory=dict)
+
+    def model(self, name: str) -> ModelServeConfig:
+        if name not in self.models:
+            raise InvalidArgument("model", f"{name!r} is not served; served: {sorted(self.models)}")
+        return self.models[name]
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ServeConfig:
+        raw = json.loads(text)
+        return cls(raw["app_name"], {k: ModelServeConfig(**v) for k, v in raw["models"].items()})
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def load_config(path: Path | str | None = None, *, models: list[str] | None = None
+                ) -> ServeConfig:
+    """Parse a serve YAML; ``models`` restricts it to those names (in that order).
+
+    Raises:
+        InvalidArgument: unknown keys, bad values, or a requested model not in the file.
+    """
+    path = Path(path) if path else DEFAULT_CONFIG
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise InvalidArgument("config", f"{path}: {exc}") from exc
+    defaults = raw.get("defaults", {}) or {}
+    entries: dict[str, Any] = raw.get("models", {}) or {}
+    unknown = set(defaults) - _MODEL_KEYS
+    if unknown:
+        raise InvalidArgument("config", f"{path}: unknown default keys {sorted(unknown)}")
+    if models is not None:
+        entries = {m: entries.get(m, {}) for m in models}
+    out = ServeConfig(app_name=str(raw.get("app_name", "genfleet")))
+    for name, own in entries.items():
+        own = own or {}
+        unknown = set(own) - _MODEL_KEYS
+        if unknown:
+            raise InvalidArgument("config", f"{path}: {name}: unknown keys {sorted(unknown)}")
+        model = ModelServeConfig(name=name, **_merge(defaults, own))
+        model.validate()
+        out.models[name] = model
+    return out

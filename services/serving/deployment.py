@@ -1,0 +1,117 @@
+"""The generic Ray Serve deployment: one per served model, any family.
+
+- ``generate`` goes through ``@serve.batch``: concurrent callers share one forward pass;
+  the batch runs in a worker thread so the replica's event loop keeps accepting requests.
+- A caller that goes away (the gateway cancels the response when the client's deadline
+  passes) cancels its token; a group whose callers all left stops between sampler steps.
+- ``reconfigure`` (the deployment's ``user_config``) loads a checkpoint version beside the
+  one being served and swaps it in when ready: no request fails during a rollout. It also
+  sets the dynamic-batching size and wait at run time.
+- User errors come back as ``api.ErrorResult`` values, never as Ray exceptions, so the
+  gateway can map them to status codes without parsing Ray's wrappers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import torch
+from ray import serve
+
+from services.core import api
+from services.core.errors import GenfleetError, ModelNotReady
+from services.serving.server import CancelToken, ModelServer
+
+log = logging.getLogger("genfleet.serving")
+T = TypeVar("T")
+
+
+@serve.deployment
+class ModelDeployment:
+    """Serves one model (``name`` in the store); its version comes from ``user_config``."""
+
+    def __init__(self, name: str, store_root: str, *, device: str = "auto",
+                 autocast: str | None = None, threads: int = 1,
+                 max_samples_per_request: int = 256) -> None:
+        torch.set_num_threads(max(1, threads))  # replicas share the node's cores
+        self._name = name
+        self._store_root = store_root
+        self._kwargs: dict[str, Any] = {"device": device, "autocast": autocast,
+                                        "max_samples_per_request": max_samples_per_request}
+        self._server: ModelServer | None = None
+
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        """Apply ``user_config``: ``version`` (None: latest), ``max_batch_size``,
+        ``batch_wait_timeout_s``."""
+        version = config.get("version")
+        if self._server is None:
+            self._server = await asyncio.to_thread(
+                ModelServer, self._store_root, self._name, version, **self._kwargs)
+        elif version is None or int(version) != self._server.version:
+            # load beside the served version; the swap is one assignment
+            info = await asyncio.to_thread(self._server.load, version)
+            log.info("%s now serves version %d", self._name, info.version)
+        batcher: Any = self._batched  # the @serve.batch wrapper carries its setters
+        if "max_batch_size" in config:
+            batcher.set_max_batch_size(int(config["max_batch_size"]))
+        if "batch_wait_timeout_s" in config:
+            batcher.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
+
+    def _ready(self) -> ModelServer:
+        if self._server is None:
+            raise ModelNotReady(f"{self._name} has not loaded a checkpoint yet")
+        return self._server
+
+    async def info(self) -> api.ModelInfo | api.ErrorResult:
+        try:
+            return self._ready().info
+        except GenfleetError as exc:
+            return api.ErrorResult.of(exc)
+
+    async def batch_sizes(self) -> dict[int, int]:
+        """Requests per dynamic batch this replica has run -> how many such batches."""
+        return dict(self._server.batch_sizes) if self._server else {}
+
+    async def batch_settings(self) -> dict[str, float]:
+        batcher: Any = self._batched
+        return {"max_batch_size": batcher._get_max_batch_size(),
+                "batch_wait_timeout_s": batcher._get_batch_wait_timeout_s()}
+
+    async def generate(self, request: api.GenerateRequest
+                       ) -> api.GenerateResult | api.ErrorResult:
+        token = CancelToken(request.deadline)
+        try:
+            result: api.GenerateResult | api.ErrorResult = await self._batched(
+                (request, token, time.perf_counter()))
+            return result
+        except asyncio.CancelledError:
+            token.cancel()  # the sampler loop sees it between steps
+            raise
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+    async def _batched(self, items: list[tuple[api.GenerateRequest, CancelToken, float]]
+                       ) -> list[api.GenerateResult | api.ErrorResult]:
+        try:
+            server = self._ready()
+        except GenfleetError as exc:
+            return [api.ErrorResult.of(exc)] * len(items)
+        return await asyncio.to_thread(server.generate_many, items)
+
+    async def _call(self, fn: Callable[[Any], T], request: Any) -> T | api.ErrorResult:
+        try:
+            return await asyncio.to_thread(fn, request)
+        except GenfleetError as exc:
+            return api.ErrorResult.of(exc)
+
+    async def score(self, request: api.ScoreRequest) -> api.ScoreResult | api.ErrorResult:
+        return await self._call(lambda r: self._ready().score(r), request)
+
+    async def encode(self, request: api.EncodeRequest) -> api.EncodeResult | api.ErrorResult:
+        return await self._call(lambda r: self._ready().encode(r), request)
+
+    async def decode(self, request: api.DecodeRequest) -> api.DecodeResult | api.ErrorResult:
+        return await self._call(lambda r: self._ready().decode(r), request)

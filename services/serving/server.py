@@ -1,0 +1,298 @@
+"""What one replica does, without Ray: load a checkpoint, validate requests, run batches.
+
+``ModelServer.generate_many`` takes the requests of one dynamic batch, validates each on
+its own (a bad request fails alone), groups the rest by sampler options and runs one
+``model.sample`` per group. Each sample's noise comes from its own (seed, index) stream,
+so a result does not depend on its batch-mates. A group stops between sampler steps when
+every caller in it has cancelled or passed its deadline.
+
+A new checkpoint version is loaded beside the old one and swapped in atomically: a
+batch that started on the old version finishes on it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from services.core import api
+from services.core.data import decode_text, to_png
+from services.core.errors import Cancelled, GenfleetError, InvalidArgument
+from services.core.store import Checkpoint, ModelStore, load_model
+from services.models import GenerativeModel, OptionSpec, sample_seeds
+
+MAX_SEED = 2**64 - 1
+
+
+class CancelToken:
+    """Set when the caller goes away; also reports a passed deadline."""
+
+    def __init__(self, deadline: float | None = None) -> None:
+        self._event = threading.Event()
+        self.deadline = deadline
+
+    def cancel(self) -> None:
+        self._event.set()
+
+    @property
+    def stopped(self) -> bool:
+        return self._event.is_set() or (self.deadline is not None and time.time() > self.deadline)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _option_info(name: str, spec: OptionSpec) -> api.OptionInfo:
+    return api.OptionInfo(name=name, kind=spec.kind, default=spec.default, help=spec.help,
+                          min=spec.min, max=spec.max, choices=spec.choices)
+
+
+def model_info(model: GenerativeModel, meta: Checkpoint, max_samples: int) -> api.ModelInfo:
+    """The ListModels view of a loaded model."""
+    latent = model.latent_shape
+    return api.ModelInfo(
+        name=meta.name, family=meta.family, version=meta.version,
+        capabilities=tuple(sorted(c.value for c in model.capabilities)),
+        sample_shape=tuple(model.data_shape),
+        sample_dtype="int64" if model.data_dtype == torch.int64 else "float32",
+        levels=model.config.levels, classes=tuple(meta.data.get("classes", [])),
+        data_kind=meta.data.get("kind", "image"),
+        sampler_options=tuple(_option_info(n, s) for n, s in model.option_specs().items()),
+        score_options=tuple(_option_info(n, s) for n, s in model.score_options.items()),
+        score_kind=model.score_kind.value if model.score_kind else None,
+        latent_shape=tuple(latent) if latent is not None else None,
+        max_samples_per_request=max_samples,
+        metrics={k: float(v) for k, v in meta.metrics.items()
+                 if isinstance(v, int | float) and not isinstance(v, bool)},
+    )
+
+
+@dataclass
+class _Prepared:
+    index: int
+    request: api.GenerateRequest
+    labels: torch.Tensor | None
+    options: dict[str, Any]
+    seeds: list[int]
+    token: CancelToken
+    arrived: float
+
+
+class ModelServer:
+    """One model on one device; thread-safe for concurrent batches."""
+
+    def __init__(self, store_root: str | Path, name: str, version: int | None = None, *,
+                 device: str = "auto", autocast: str | None = None,
+                 max_samples_per_request: int = 256, max_batch_samples: int = 1024) -> None:
+        self.store = ModelStore(store_root)
+        self.name = name
+        self.device = pick_device(device)
+        if autocast not in (None, "bf16", "fp16"):
+            raise InvalidArgument("autocast", "must be bf16, fp16 or empty")
+        self.autocast = autocast
+        self.max_samples = max_samples_per_request
+        self.max_batch_samples = max_batch_samples
+        self._state: tuple[GenerativeModel, Checkpoint, api.ModelInfo] | None = None
+        self.batch_sizes: Counter[int] = Counter()  # requests per dynamic batch -> count
+        self.load(version)
+
+    # ---------------------------------------------------------------- versions
+    def load(self, version: int | None = None) -> api.ModelInfo:
+        """Load ``version`` (latest when None) and swap it in atomically."""
+        ref = self.name if version is None else f"{self.name}@{version}"
+        model, meta = load_model(self.store, ref, self.device)
+        info = model_info(model, meta, self.max_samples)
+        self._state = (model, meta, info)  # one reference assignment: atomic
+        return info
+
+    @property
+    def info(self) -> api.ModelInfo:
+        assert self._state is not None
+        return self._state[2]
+
+    @property
+    def version(self) -> int:
+        return self.info.version
+
+    @contextlib.contextmanager
+    def _precision(self) -> Iterator[None]:
+        if self.autocast and self.device.type == "cuda":
+            dtype = torch.bfloat16 if self.autocast == "bf16" else torch.float16
+            with torch.autocast("cuda", dtype=dtype):
+                yield
+        else:
+            yield
+
+    # ---------------------------------------------------------------- generate
+    def _prepare(self, model: GenerativeModel, index: int, req: api.GenerateRequest,
+                 token: CancelToken, arrived: float) -> _Prepared:
+        n = req.num_samples
+        if not 1 <= n <= self.max_samples:
+            raise InvalidArgument("num_samples", f"must be in [1, {self.max_samples}], got {n}")
+        if not 0 <= req.seed <= MAX_SEED:
+            raise InvalidArgument("seed", f"must be in [0, 2^64 - 1], got {req.seed}")
+        if req.start_index < 0 or req.start_index + n > 2**62:
+            raise InvalidArgument("start_index", "must be in [0, 2^62 - num_samples]")
+        labels = None
+        if req.labels:
+            if len(req.labels) != n:
+                raise InvalidArgument("labels", f"give none or exactly num_samples={n} labels, "
+                                                f"got {len(req.labels)}")
+            labels = torch.tensor(req.labels, dtype=torch.long)
+        labels, options = model.check_sample_request(n, labels, req.options)
+        seeds = sample_seeds(req.seed, n, req.start_index)
+        return _Prepared(index, req, labels, options, seeds, token, arrived)
+
+    def generate_many(self, items: Sequence[tuple[api.GenerateRequest, CancelToken, float]]
+                      ) -> list[api.GenerateResult | api.ErrorResult]:
+        """Run one dynamic batch; item ``i`` is (request, its cancel token, arrival time)."""
+        assert self._state is not None
+        model, meta, _ = self._state  # the whole batch runs on one version
+        self.batch_sizes[len(items)] += 1
+        results: list[api.GenerateResult | api.ErrorResult | None] = [None] * len(items)
+        groups: dict[tuple[Any, ...], list[_Prepared]] = {}
+        for i, (req, token, arrived) in enumerate(items):
+            try:
+                p = self._prepare(model, i, req, token, arrived)
+            except GenfleetError as exc:
+                results[i] = api.ErrorResult.of(exc)
+                continue
+            key = (tuple(sorted(p.options.items())), p.labels is None)
+            groups.setdefault(key, []).append(p)
+        for group in groups.values():
+            for p, result in zip(group, self._run_group(model, meta, group), strict=True):
+                results[p.index] = result
+        assert all(r is not None for r in results)
+        return results  # type: ignore[return-value]
+
+    def _run_group(self, model: GenerativeModel, meta: Checkpoint, group: list[_Prepared]
+                   ) -> list[api.GenerateResult | api.ErrorResult]:
+        live = [p for p in group if not p.token.stopped]
+        if not live:
+            return [api.ErrorResult.of(Cancelled("cancelled before it started")) for _ in group]
+
+        def callback(step: int, total: int) -> None:
+            if all(p.token.stopped for p in live):
+                raise Cancelled(f"every caller cancelled or passed its deadline at step {step}")
+
+        seeds = [s for p in live for s in p.seeds]
+        labels = None if live[0].labels is None else torch.cat([p.labels for p in live])  # type: ignore[misc]
+        started = time.perf_counter()
+        chunks = []
+        try:
+            with self._precision():
+                for lo in range(0, len(seeds), self.max_batch_samples):
+                    hi = lo + self.max_batch_samples
+                    chunks.append(model.sample(seeds[lo:hi], callback=callback,
+                                               labels=None if labels is None else labels[lo:hi],
+                                               **live[0].options).float().cpu())
+        except GenfleetError as exc:
+            return [api.ErrorResult.of(exc) for _ in group]
+        samples = torch.cat(chunks)
+        finished = time.perf_counter()
+        compute_ms = 1000 * (finished - started)
+        out: dict[int, api.GenerateResult | api.ErrorResult] = {
+            p.index: api.ErrorResult.of(Cancelled("cancelled before it started"))
+            for p in group if p not in live}
+        offset = 0
+        for p in live:
+            x = samples[offset:offset + len(p.seeds)]
+            offset += len(p.seeds)
+            tensor, png, text = self._outputs(model, meta, x, p.request.output)
+            out[p.index] = api.GenerateResult(
+                model=meta.name, version=meta.version, samples=tensor, png=png, text=text,
+                seeds=p.seeds, labels=list(p.request.labels), start_index=p.request.start_index,
+                timings=api.Timings(queue_ms=1000 * (started - p.arrived), compute_ms=compute_ms,
+                                    total_ms=1000 * (time.perf_counter() - p.arrived)),
+            )
+        return [out[p.index] for p in group]
+
+    def _outputs(self, model: GenerativeModel, meta: Checkpoint, x: torch.Tensor, output: str
+                 ) -> tuple[np.ndarray | None, list[bytes], list[str]]:
+        text_model = model.data_dtype == torch.int64
+        arr = x.long().numpy() if text_model else x.numpy().astype(np.float32)
+        tensor = arr if output in ("tensor", "both") else None
+        png: list[bytes] = []
+        text: list[str] = []
+        if output in ("png", "both"):
+            if text_model:
+                text = decode_text(arr, meta.data.get("vocab", ""))
+            else:
+                levels = model.config.levels
+                ints = np.rint(arr * (levels - 1)).astype(np.int64)
+                png = [to_png(img, levels) for img in ints]
+        return tensor, png, text
+
+    # ------------------------------------------------------------ other calls
+    def _data(self, model: GenerativeModel, data: np.ndarray, field: str) -> torch.Tensor:
+        """Request data -> the model's data convention (levels accepted for images)."""
+        if data.dtype.kind == "f":
+            return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
+        if data.dtype.kind not in "iu":
+            raise InvalidArgument(field, f"unsupported dtype {data.dtype}")
+        ints = data.astype(np.int64)
+        if model.data_dtype == torch.int64:
+            return torch.from_numpy(ints)
+        top = model.config.levels - 1
+        if ints.size and (ints.min() < 0 or ints.max() > top):
+            raise InvalidArgument(field, f"integer levels must be in [0, {top}]")
+        return torch.from_numpy(ints.astype(np.float32) / top)
+
+    @staticmethod
+    def _labels(labels: Sequence[int], n: int) -> torch.Tensor | None:
+        if not labels:
+            return None
+        if len(labels) != n:
+            raise InvalidArgument("labels", f"give none or exactly one label per example ({n})")
+        return torch.tensor(list(labels), dtype=torch.long)
+
+    def score(self, req: api.ScoreRequest) -> api.ScoreResult:
+        assert self._state is not None
+        model, meta, _ = self._state
+        started = time.perf_counter()
+        x = self._data(model, req.data, "data")
+        with self._precision():
+            lp = model.log_prob(x, labels=self._labels(req.labels, len(x)), **req.options).cpu()
+        kind = model.score_kind.value if model.score_kind else ""
+        bpd = [] if kind == "unnormalized" else model.bits_per_dim(lp).tolist()
+        ms = 1000 * (time.perf_counter() - started)
+        return api.ScoreResult(meta.name, meta.version, lp.tolist(), bpd, kind,
+                               api.Timings(compute_ms=ms, total_ms=ms))
+
+    def encode(self, req: api.EncodeRequest) -> api.EncodeResult:
+        assert self._state is not None
+        model, meta, _ = self._state
+        started = time.perf_counter()
+        x = self._data(model, req.data, "data")
+        with self._precision():
+            z = model.encode(x, labels=self._labels(req.labels, len(x)), **req.options)
+        ms = 1000 * (time.perf_counter() - started)
+        return api.EncodeResult(meta.name, meta.version, z.float().cpu().numpy(),
+                                api.Timings(compute_ms=ms, total_ms=ms))
+
+    def decode(self, req: api.DecodeRequest) -> api.DecodeResult:
+        assert self._state is not None
+        model, meta, _ = self._state
+        started = time.perf_counter()
+        if req.latents.dtype.kind != "f":
+            raise InvalidArgument("latents", f"must be float32, got {req.latents.dtype}")
+        z = torch.from_numpy(np.ascontiguousarray(req.latents, dtype=np.float32))
+        with self._precision():
+            x = model.decode(z, labels=self._labels(req.labels, len(z)), **req.options).cpu()
+        tensor, png, text = self._outputs(model, meta, x, req.output)
+        ms = 1000 * (time.perf_counter() - started)
+        return api.DecodeResult(meta.name, meta.version, tensor, png, text,
+                                api.Timings(compute_ms=ms, total_ms=ms))
+

@@ -1,0 +1,207 @@
+"""Integration: a real local Ray cluster, the Serve application with all six families, the
+gRPC gateway on 127.0.0.1 and real clients. Reruns the RPC contract of
+tests/unit/test_gateway.py through Ray, then checks what only a cluster has: dynamic
+batching, backpressure, cancellation, rollout under load, scaling."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from ray import serve
+
+from services.core.store import ModelStore
+from services.gateway.client import GenfleetClient
+from services.gateway.server import GatewayConfig
+from services.serving import app as serving
+from services.serving.backend import ServeBackend
+from services.serving.config import load_config
+from tests.helpers import GatewayThread, tiny_store
+
+# the RPC contract, rerun here against the Ray backend (fixtures below override)
+from tests.unit.test_gateway import *  # noqa: F403
+from tests.unit.test_gateway import FAMILY_NAMES
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("serve-store") / "store"
+    tiny_store(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def app(ray_cluster: None, store_root: Path) -> Iterator[ModelStore]:
+    store = ModelStore(store_root)
+    config = load_config(models=FAMILY_NAMES)
+    for m in config.models.values():  # fixed replicas: the tests below scale explicitly
+        m.autoscaling_config = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
+        m.batching = {"max_batch_size": 32, "batch_wait_timeout_s": 0.02}
+    serving.deploy(config, store)
+    yield store
+    serve.delete(config.app_name)
+
+
+@pytest.fixture(scope="module")
+def gateway(app: ModelStore) -> Iterator[GatewayThread]:
+    thread = GatewayThread(lambda: ServeBackend("genfleet"),
+                           GatewayConfig(host="127.0.0.1", port=0, health_interval_s=0.5))
+    yield thread
+    thread.stop()
+
+
+def _replicas(app_name: str, name: str) -> int:
+    dep = serve.status().applications[app_name].deployments[name]
+    return int(sum(n for state, n in dep.replica_states.items() if str(state).endswith("RUNNING")))
+
+
+# --------------------------------------------------------------------- batching
+def test_concurrent_requests_share_batches_and_stay_identical(gateway: GatewayThread) -> None:
+    with GenfleetClient(gateway.target, retries=0) as client:
+        alone = [client.generate("gan", 1, seed=s).samples for s in range(16)]
+        before = serve.get_deployment_handle("gan", "genfleet").batch_sizes.remote().result()
+        with ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(lambda s: client.generate("gan", 1, seed=s).samples,
+                                     range(16)))
+        after = serve.get_deployment_handle("gan", "genfleet").batch_sizes.remote().result()
+    for a, b in zip(alone, together, strict=True):
+        assert a is not None and b is not None and a.tobytes() == b.tobytes()
+    new_batches = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert max(k for k, v in new_batches.items() if v > 0) > 1, new_batches
+
+
+def test_same_seed_is_byte_identical_under_concurrent_load(gateway: GatewayThread) -> None:
+    with GenfleetClient(gateway.target, retries=0) as client:
+        reference = client.generate("diffusion", 3, seed=42, labels=[1, 2, 3]).samples
+
+        def call(i: int) -> bytes:
+            if i % 2:  # other traffic mixed in, different options and seeds
+                client.generate("diffusion", 2, seed=i, options={"steps": 2})
+                return b""
+            out = client.generate("diffusion", 3, seed=42, labels=[1, 2, 3]).samples
+            assert out is not None
+            return out.tobytes()
+
+        with ThreadPoolExecutor(8) as pool:
+            results = [r for r in pool.map(call, range(16)) if r]
+    assert reference is not None and all(r == reference.tobytes() for r in results)
+
+
+# ------------------------------------------------------------ cancellation / load
+def test_deadline_cancels_the_work_on_the_replica(gateway: GatewayThread) -> None:
+    with GenfleetClient(gateway.target, retries=0) as client:
+        t0 = time.perf_counter()
+        client.generate("ebm", 256, options={"steps": 20})
+        per_step = (time.perf_counter() - t0) / 20
+        with pytest.raises(grpc.RpcError) as info:
+            client.generate("ebm", 256, options={"steps": 2000}, timeout=0.5)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+        t1 = time.perf_counter()
+        client.generate("ebm", 1, options={"steps": 1})  # queued behind the cancelled batch
+        waited = time.perf_counter() - t1
+    # the 2000-step batch would hold the replica for ~2000 * per_step; it was stopped
+    assert waited < 0.5 * 2000 * per_step, (waited, per_step)
+
+
+def test_backpressure_is_resource_exhausted(ray_cluster: None, app: ModelStore) -> None:
+    config = load_config(models=["ebm"])
+    config.app_name = "genfleet-backpressure"
+    m = config.models["ebm"]
+    m.autoscaling_config = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
+    m.max_ongoing_requests, m.max_queued_requests = 1, 1
+    m.batching = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
+    serving.deploy(config, app)
+    thread = GatewayThread(lambda: ServeBackend("genfleet-backpressure"),
+                           GatewayConfig(host="127.0.0.1", port=0))
+    try:
+        with GenfleetClient(thread.target, retries=0) as client:
+            def call(_: int) -> str:
+                try:
+                    client.generate("ebm", 32, options={"steps": 200})
+                    return "OK"
+                except grpc.RpcError as exc:
+                    return str(exc.code().name)  # type: ignore[attr-defined]
+            with ThreadPoolExecutor(8) as pool:
+                codes = list(pool.map(call, range(8)))
+            assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes, codes
+            assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+            assert client.health() == "SERVING"
+    finally:
+        thread.stop()
+        serve.delete("genfleet-backpressure")
+
+
+# ----------------------------------------------------------------- operations
+def test_rollout_under_load_fails_no_request(gateway: GatewayThread, app: ModelStore) -> None:
+    tiny_store(app.root, families=["gan"], steps=3)  # version 2 of "gan"
+    assert app.versions("gan") == [1, 2]
+    stop = threading.Event()
+    versions: list[int] = []
+    failures: list[str] = []
+
+    def load() -> None:
+        with GenfleetClient(gateway.target, retries=0) as client:
+            seed = 0
+            while not stop.is_set():
+                seed += 1
+                try:
+                    versions.append(client.generate("gan", 2, seed=seed).version)
+                except grpc.RpcError as exc:
+                    failures.append(exc.code().name)  # type: ignore[attr-defined]
+
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    serving.rollout(app, "gan", 2)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and (not versions or versions[-1] != 2):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not failures, failures
+    assert 1 in versions and versions[-1] == 2
+    serving.rollout(app, "gan", 1)  # back, for the other tests
+
+
+def test_scale_up_and_down_changes_replicas(app: ModelStore) -> None:
+    serving.scale(app, "vae", min_replicas=2, max_replicas=2)
+    deadline = time.monotonic() + 120
+    while _replicas("genfleet", "vae") != 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _replicas("genfleet", "vae") == 2
+    assert _replicas("genfleet", "gan") == 1  # others untouched
+    serving.scale(app, "vae", min_replicas=1, max_replicas=1)
+    deadline = time.monotonic() + 120
+    while _replicas("genfleet", "vae") != 1 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _replicas("genfleet", "vae") == 1
+
+
+def test_status_reports_versions_and_replicas(app: ModelStore) -> None:
+    rows = {r.name: r for r in serving.status(serving.load_state(app))}
+    assert set(rows) == set(FAMILY_NAMES)
+    assert rows["flow"].version == 1 and rows["flow"].replicas.get("RUNNING", 0) >= 1
+
+
+def test_generate_returns_numpy_that_matches_in_process(gateway: GatewayThread,
+                                                        app: ModelStore) -> None:
+    from services.core.store import load_model
+    from services.models import sample_seeds
+
+    model, _ = load_model(app, "flow")
+    expected = model.sample(sample_seeds(9, 4)).numpy()
+    with GenfleetClient(gateway.target) as client:
+        served = client.generate("flow", 4, seed=9).samples
+    assert served is not None
+    np.testing.assert_array_equal(served, expected)
