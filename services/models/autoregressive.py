@@ -99,7 +99,7 @@ class AutoregressiveModel(GenerativeModel):
         "top_k": OptionSpec("int", 0, "sample among the k most likely values (0 = all)",
                             min=0, max=65536),
     }
-    train_defaults = {"lr": 1e-3, "batch_size": 64, "epochs": 40, "weight_decay": 0.05,
+    train_defaults = {"lr": 1e-3, "batch_size": 64, "epochs": 52, "weight_decay": 0.05,
                       "betas": (0.9, 0.95), "grad_clip": 1.0, "lr_warmup_steps": 200,
                       "cosine_decay": True, "val_every": 5, "select_best": True}
 

@@ -70,20 +70,20 @@ def build_app(config: ServeConfig, store: ModelStore) -> serve.Application:
     return app
 
 
-def state_path(store: ModelStore) -> Path:
-    return store.root.parent / "run" / "serve-state.json"
+def state_path(store: ModelStore, app_name: str = "genfleet") -> Path:
+    return store.root.parent / "run" / f"serve-state-{app_name}.json"
 
 
 def save_state(config: ServeConfig, store: ModelStore) -> None:
-    path = state_path(store)
+    path = state_path(store, config.app_name)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(config.to_json())
     tmp.replace(path)
 
 
-def load_state(store: ModelStore) -> ServeConfig:
-    path = state_path(store)
+def load_state(store: ModelStore, app_name: str = "genfleet") -> ServeConfig:
+    path = state_path(store, app_name)
     if not path.exists():
         raise ModelNotFound(f"nothing is deployed from {store.root} (no {path}); run genfleet up")
     return ServeConfig.from_json(path.read_text())
@@ -130,12 +130,13 @@ def deploy(config: ServeConfig, store: ModelStore) -> None:
 
 
 def scale(store: ModelStore, name: str, *, min_replicas: int | None = None,
-          max_replicas: int | None = None, gpus: float | None = None) -> ServeConfig:
+          max_replicas: int | None = None, gpus: float | None = None,
+          app_name: str = "genfleet") -> ServeConfig:
     """Change one model's replica bounds (and GPUs per replica); others are untouched.
 
     Giving only one bound moves the other when needed (``--max 1`` lowers a min of 2).
     """
-    config = load_state(store)
+    config = load_state(store, app_name)
     model = config.model(name)
     scaling = dict(model.autoscaling_config)
     lo, hi = int(scaling.get("min_replicas", 1)), int(scaling.get("max_replicas", 1))
@@ -146,6 +147,8 @@ def scale(store: ModelStore, name: str, *, min_replicas: int | None = None,
         hi = max_replicas
         lo = min(lo, hi) if min_replicas is None else lo
     model.autoscaling_config = {**scaling, "min_replicas": lo, "max_replicas": hi}
+    if "initial_replicas" in scaling:  # Serve requires min <= initial <= max
+        model.autoscaling_config["initial_replicas"] = min(max(scaling["initial_replicas"], lo), hi)
     if gpus is not None:
         if gpus < 0:
             raise InvalidArgument("gpus", "must be >= 0")
@@ -156,10 +159,10 @@ def scale(store: ModelStore, name: str, *, min_replicas: int | None = None,
 
 
 def rollout(store: ModelStore, name: str, version: int | None,
-            batching: dict[str, Any] | None = None) -> ServeConfig:
+            batching: dict[str, Any] | None = None, app_name: str = "genfleet") -> ServeConfig:
     """Serve ``version`` (latest when None) of ``name`` by reconfiguring its replicas;
     ``batching`` changes the dynamic-batching settings the same way (no restart)."""
-    config = load_state(store)
+    config = load_state(store, app_name)
     model = config.model(name)
     model.version = store.resolve(name if version is None else f"{name}@{version}")[1]
     model.batching = {**model.batching, **(batching or {})}
