@@ -103,7 +103,21 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _served_models(args: argparse.Namespace) -> int:
+    from services.cli_serve import _client
+
+    with _client(args) as client:
+        models = client.list_models()
+    print(f"{'model':<18}{'family':<16}{'version':>8}  capabilities / options")
+    for m in models:
+        options = ", ".join(o.name for o in m.sampler_options) or "-"
+        print(f"{m.name:<18}{m.family:<16}{m.version:>8}  {', '.join(m.capabilities)} / {options}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
+    if args.served:
+        return _served_models(args)
     store = _store(args)
     rows = store.list()
     if not rows:
@@ -211,7 +225,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save", action="store_true", help="store the metrics in the checkpoint")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("models", help="list stored models")
+    p = sub.add_parser("models", help="list stored models (--served: ask the gateway)")
+    p.add_argument("--served", action="store_true", help="ListModels through the gateway")
+    from services.cli_serve import _client_args
+
+    _client_args(p)
     p.set_defaults(func=cmd_models)
 
     from services.cli_serve import add_parsers

@@ -124,9 +124,7 @@ class AutoregressiveModel(GenerativeModel):
         return torch.int64 if self.cfg.data_kind == "text" else torch.float32
 
     def prepare(self, x: Tensor, labels: Tensor | None) -> None:
-        if labels is not None and self.cfg.num_classes:
-            counts = torch.bincount(labels, minlength=self.cfg.num_classes).float()
-            self.class_prior.copy_((counts + 1) / (counts.sum() + len(counts)))
+        self._fit_class_prior(labels)
 
     def postprocess(self, x: Tensor) -> Tensor:
         return x.long() if self.cfg.data_kind == "text" else super().postprocess(x)

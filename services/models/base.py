@@ -415,6 +415,14 @@ class GenerativeModel(nn.Module, abc.ABC):
             raise InvalidArgument("data", "values must be finite and in [0, 1]")
         return self.postprocess(x.to(self.device))
 
+    def _fit_class_prior(self, labels: Tensor | None) -> None:
+        """Set the ``class_prior`` buffer to the add-one-smoothed label frequencies."""
+        prior = getattr(self, "class_prior", None)
+        if labels is None or not self.config.num_classes or not isinstance(prior, Tensor):
+            return
+        counts = torch.bincount(labels.cpu(), minlength=self.config.num_classes).float()
+        prior.copy_((counts + 1) / (counts.sum() + len(counts)))
+
     def _random_labels(self, noise: Noise) -> Tensor:
         """A class per sample drawn from that sample's own stream."""
         return noise.randint(self.config.num_classes)

@@ -93,9 +93,7 @@ class FlowModel(GenerativeModel):
         return self.data_shape
 
     def prepare(self, x: Tensor, labels: Tensor | None) -> None:
-        if labels is not None and self.cfg.num_classes:
-            counts = torch.bincount(labels, minlength=self.cfg.num_classes).float()
-            self.class_prior.copy_((counts + 1) / (counts.sum() + len(counts)))
+        self._fit_class_prior(labels)
 
     def _context(self, labels: Tensor | None) -> Tensor | None:
         if not self.cfg.num_classes:

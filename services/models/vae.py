@@ -100,9 +100,7 @@ class VAEModel(GenerativeModel):
         return (self.config.latent_dim,)
 
     def prepare(self, x: Tensor, labels: Tensor | None) -> None:
-        if labels is not None and self.config.num_classes:
-            counts = torch.bincount(labels, minlength=self.config.num_classes).float()
-            self.class_prior.copy_((counts + 1) / (counts.sum() + len(counts)))
+        self._fit_class_prior(labels)
 
     def on_train_step(self, step: int) -> None:
         self.steps_seen += 1

@@ -1,0 +1,141 @@
+"""Gateway transport and lifecycle: token auth on/off, TLS and mutual TLS, graceful shutdown."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import trustme
+
+from services.gateway.client import GenfleetClient
+from services.gateway.server import GatewayConfig
+from services.serving.backends import LocalBackend
+from tests.helpers import GatewayThread, tiny_store
+
+
+@pytest.fixture(scope="module")
+def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("store")
+    tiny_store(root, families=["gan", "ebm"])
+    return root
+
+
+def _gateway(store_root: Path, **config: object) -> GatewayThread:
+    return GatewayThread(lambda: LocalBackend(store_root, ["ebm", "gan"]),
+                         GatewayConfig(host="127.0.0.1", port=0, **config))  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------------- auth
+def test_token_auth(store_root: Path) -> None:
+    gw = _gateway(store_root, token="s3cret")
+    try:
+        with GenfleetClient(gw.target, retries=0) as anonymous:
+            with pytest.raises(grpc.RpcError) as info:
+                anonymous.generate("gan", 1)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+            with pytest.raises(grpc.RpcError) as info:
+                list(anonymous.generate_stream("gan", 2))
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+            assert anonymous.health() == "SERVING"  # probes need no secret
+        with GenfleetClient(gw.target, token="wrong", retries=0) as wrong:
+            with pytest.raises(grpc.RpcError) as info:
+                wrong.list_models()
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+        with GenfleetClient(gw.target, token="s3cret", retries=0) as good:
+            assert good.generate("gan", 2).samples is not None
+            assert len(list(good.generate_stream("gan", 2, chunk_size=1))) == 2
+    finally:
+        gw.stop()
+
+
+def test_auth_off_accepts_anonymous_calls(store_root: Path) -> None:
+    gw = _gateway(store_root)
+    try:
+        with GenfleetClient(gw.target, retries=0) as client:
+            assert client.generate("gan", 1).samples is not None
+    finally:
+        gw.stop()
+
+
+# -------------------------------------------------------------------------- TLS
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    ca = trustme.CA()
+    out = tmp_path_factory.mktemp("pki")
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("client@genfleet")
+    paths = {"ca": out / "ca.pem", "cert": out / "server.pem", "key": out / "server.key",
+             "client_cert": out / "client.pem", "client_key": out / "client.key"}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    server.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    server.private_key_pem.write_to_path(str(paths["key"]))
+    client.cert_chain_pems[0].write_to_path(str(paths["client_cert"]))
+    client.private_key_pem.write_to_path(str(paths["client_key"]))
+    return paths
+
+
+def test_tls(store_root: Path, pki: dict[str, Path]) -> None:
+    gw = _gateway(store_root, tls_cert=pki["cert"], tls_key=pki["key"])
+    try:
+        with GenfleetClient(gw.target, tls_ca=pki["ca"], retries=0, timeout=10) as client:
+            assert client.generate("gan", 1).samples is not None
+        with GenfleetClient(gw.target, retries=0, timeout=3) as plaintext:
+            with pytest.raises(grpc.RpcError) as info:
+                plaintext.generate("gan", 1)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    finally:
+        gw.stop()
+
+
+def test_mutual_tls_requires_a_client_certificate(store_root: Path, pki: dict[str, Path]) -> None:
+    gw = _gateway(store_root, tls_cert=pki["cert"], tls_key=pki["key"], tls_client_ca=pki["ca"])
+    try:
+        with GenfleetClient(gw.target, tls_ca=pki["ca"], tls_cert=pki["client_cert"],
+                            tls_key=pki["client_key"], retries=0, timeout=10) as client:
+            assert client.generate("gan", 1).samples is not None
+        with GenfleetClient(gw.target, tls_ca=pki["ca"], retries=0, timeout=3) as no_cert:
+            with pytest.raises(grpc.RpcError) as info:
+                no_cert.generate("gan", 1)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+    finally:
+        gw.stop()
+
+
+# -------------------------------------------------------------------- shutdown
+def test_graceful_shutdown_finishes_in_flight_calls(store_root: Path) -> None:
+    gw = _gateway(store_root)
+    client = GenfleetClient(gw.target, retries=0, timeout=60)
+    t0 = time.perf_counter()
+    client.generate("ebm", 128, options={"steps": 100})
+    slow = time.perf_counter() - t0
+    future = client.stub.Generate.future(client._generate_request(  # an in-flight call
+        "ebm", 128, 0, None, {"steps": 100}, "tensor", 0), timeout=60)
+    time.sleep(min(0.2, slow / 4))
+    stopping = gw.submit(gw.gateway.stop(grace=30))
+    time.sleep(0.05)
+    assert len(future.result().seeds) == 128  # finished, not cut off
+    stopping.result(60)
+    with pytest.raises(grpc.RpcError):  # no new calls after shutdown
+        client.generate("gan", 1, timeout=2)
+    client.close()
+    gw.loop.call_soon_threadsafe(gw.loop.stop)
+
+
+def test_health_goes_not_serving_on_shutdown(store_root: Path) -> None:
+    gw = _gateway(store_root)
+    servicer = gw.gateway.health
+    gw.run(gw.gateway.stop(grace=1))
+    from grpc_health.v1 import health_pb2
+
+    async def check() -> int:
+        class _Ctx:
+            async def abort(self, *a: object) -> None:
+                raise RuntimeError(a)
+        resp = await servicer.Check(health_pb2.HealthCheckRequest(service=""), _Ctx())
+        return int(resp.status)
+
+    assert gw.run(check()) == health_pb2.HealthCheckResponse.NOT_SERVING
+    gw.loop.call_soon_threadsafe(gw.loop.stop)
+
