@@ -26,7 +26,7 @@ import torch
 
 from services.core import api
 from services.core.data import decode_text, to_png
-from services.core.errors import Cancelled, GenfleetError, InvalidArgument
+from services.core.errors import Cancelled, DeadlineExceeded, GenfleetError, InvalidArgument
 from services.core.store import Checkpoint, ModelStore, load_model
 from services.models import GenerativeModel, OptionSpec, sample_seeds
 
@@ -44,8 +44,19 @@ class CancelToken:
         self._event.set()
 
     @property
+    def expired(self) -> bool:
+        return self.deadline is not None and time.time() > self.deadline
+
+    @property
     def stopped(self) -> bool:
-        return self._event.is_set() or (self.deadline is not None and time.time() > self.deadline)
+        return self._event.is_set() or self.expired
+
+
+def _stopped_error(tokens: Sequence[CancelToken], when: str) -> GenfleetError:
+    """DeadlineExceeded when every caller's deadline passed, else Cancelled."""
+    if all(t.expired for t in tokens):
+        return DeadlineExceeded(f"deadline passed {when}")
+    return Cancelled(f"every caller cancelled or passed its deadline {when}")
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -181,11 +192,12 @@ class ModelServer:
                    ) -> list[api.GenerateResult | api.ErrorResult]:
         live = [p for p in group if not p.token.stopped]
         if not live:
-            return [api.ErrorResult.of(Cancelled("cancelled before it started")) for _ in group]
+            error = _stopped_error([p.token for p in group], "before the work started")
+            return [api.ErrorResult.of(error) for _ in group]
 
         def callback(step: int, total: int) -> None:
             if all(p.token.stopped for p in live):
-                raise Cancelled(f"every caller cancelled or passed its deadline at step {step}")
+                raise _stopped_error([p.token for p in live], f"at sampler step {step}")
 
         seeds = [s for p in live for s in p.seeds]
         labels = None if live[0].labels is None else torch.cat([p.labels for p in live])  # type: ignore[misc]
@@ -204,7 +216,7 @@ class ModelServer:
         finished = time.perf_counter()
         compute_ms = 1000 * (finished - started)
         out: dict[int, api.GenerateResult | api.ErrorResult] = {
-            p.index: api.ErrorResult.of(Cancelled("cancelled before it started"))
+            p.index: api.ErrorResult.of(_stopped_error([p.token], "before the work started"))
             for p in group if p not in live}
         offset = 0
         for p in live:
