@@ -161,11 +161,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     store = ModelStore(args.store)
     config = serving.load_state(store)
     _connect(args)
-    print(f"{'model':<16}{'version':>8}{'status':>12}{'replicas':>10}{'min':>5}{'max':>5}  states")
+    print(f"{'model':<16}{'version':>8}{'status':>12}{'replicas':>10}{'min':>5}{'max':>5}"
+          f"{'queued':>8}{'running':>9}  states")
     for row in serving.status(config):
         running = row.replicas.get("RUNNING", 0)
+        queued = "-" if row.queued is None else row.queued
+        busy = "-" if row.running is None else row.running
         print(f"{row.name:<16}{row.version or '-':>8}{row.status:>12}{running:>10}"
-              f"{row.min_replicas:>5}{row.max_replicas:>5}  {row.replicas}")
+              f"{row.min_replicas:>5}{row.max_replicas:>5}{queued:>8}{busy:>9}  {row.replicas}")
     up = _run_dir(store) / "up.json"
     if up.exists():
         target = json.loads(up.read_text())["target"]

@@ -6,9 +6,9 @@ The system under test is a real ``genfleet up`` (all six models, gateway in its 
 process); this process only runs the gRPC clients and changes batching live (rollout).
 
 1. diffusion at saturation: served samples/s vs the raw model in-process at the batch
-   size the server forms (same torch threads);
+   size the server forms (one replica, same torch threads);
 2. dynamic batching: gan, vae, flow with 16 clients x 1 sample: max_batch_size 1 vs the
-   default (32, 5 ms window) and vs tuned for closed-loop load (16, 50 ms);
+   default (32, 5 ms window) and vs tuned for closed-loop load (16, 50 ms); one replica;
 3. gateway overhead: p50 of a 1-sample gan request through gRPC vs a direct
    DeploymentHandle call from the same process;
 4. ``genfleet up`` with checkpoints present -> first successful Generate.
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import statistics
@@ -37,7 +38,24 @@ def _set_batching(store: Any, name: str, size: int, wait: float) -> None:
 
     serving.rollout(store, name, None, batching={"max_batch_size": size,
                                                  "batch_wait_timeout_s": wait})
-    time.sleep(1.0)
+    time.sleep(3.0)  # the gateway re-reads batching settings every 2 s
+
+
+def _pin_replicas(store: Any, names: list[str], count: int | None) -> None:
+    """One replica per model while ratios are measured (the autoscaler would otherwise give
+    the unbatched runs, which keep more requests in flight, a second replica); ``None``
+    restores the configured bounds."""
+    from services.serving import app as serving
+    from services.serving.config import load_config
+
+    for name in names:
+        if count is None:
+            bounds = load_config(models=[name]).models[name].autoscaling_config
+            serving.scale(store, name, min_replicas=int(bounds["min_replicas"]),
+                          max_replicas=int(bounds["max_replicas"]))
+        else:
+            serving.scale(store, name, min_replicas=count, max_replicas=count)
+    time.sleep(5.0)
 
 
 def _handle_p50(name: str, n: int = 300) -> float:
@@ -110,25 +128,27 @@ def main() -> int:
     store = ModelStore(args.store)
     results: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs", "duration_s": args.duration,
                                "setup": "genfleet up (gateway in its own process, embedded Ray, "
-                                        "1 replica per model, 1 torch thread each); clients in "
-                                        "this process"}
+                                        "replicas pinned to 1 per model, 1 torch thread each); "
+                                        "clients in this process"}
     proc, startup = _start_up(store.root, args.port)
     results["startup_to_first_generate_s"] = startup
     print(f"genfleet up -> first Generate: {startup:.1f} s", flush=True)
     target = f"127.0.0.1:{args.port}"
     try:
         serving.connect("auto")
+        _pin_replicas(store, ["diffusion", "gan", "vae", "flow"], 1)
         # 1. diffusion at saturation vs raw in-process at the batch the server forms
         config = serving.load_state(store)
         threads = config.models["diffusion"].threads
-        conc = 32
-        _set_batching(store, "diffusion", conc, 0.05)
+        # saturation: twice as many clients as a batch holds, so a full batch always waits
+        batch, conc = 32, 64
+        _set_batching(store, "diffusion", batch, 0.05)
         served = run_grpc_load(target, "diffusion", concurrency=conc, duration_s=args.duration,
                                samples=1)
         torch.set_num_threads(threads)
-        raw = run_raw(store, "diffusion", batch=conc, duration_s=args.duration)
+        raw = run_raw(store, "diffusion", batch=batch, duration_s=args.duration)
         results["diffusion_saturation"] = {"concurrency": conc, "torch_threads": threads,
-                                           "batching": [conc, 0.05], "served": served,
+                                           "batching": [batch, 0.05], "served": served,
                                            "raw": raw, "served_over_raw": served["samples_per_s"] /
                                            raw["samples_per_s"]}
         print(f"diffusion: served {served['samples_per_s']:.1f} samples/s, raw "
@@ -158,9 +178,12 @@ def main() -> int:
         for name in ("gan", "vae", "flow", "diffusion"):
             default = load_config(models=[name]).models[name].batching
             _set_batching(store, name, default["max_batch_size"], default["batch_wait_timeout_s"])
+        _pin_replicas(store, ["diffusion", "gan", "vae", "flow"], None)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(results, indent=2))
     finally:
+        # Serve's handle threads in this process keep pushing metrics after the disconnect
+        logging.getLogger("ray.serve").setLevel(logging.CRITICAL)
         ray.shutdown()  # disconnect first: the cluster belongs to the `up` process
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(120)

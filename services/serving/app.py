@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -31,13 +32,32 @@ log = logging.getLogger("genfleet.serving")
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
 class Directory:
-    """Ingress of the app: the names of the model deployments it holds."""
+    """Ingress of the app: the names of the model deployments it holds, and the load their
+    replicas report (``ModelDeployment._report_load``, every second)."""
 
-    def __init__(self, models: dict[str, Any]) -> None:
+    def __init__(self, models: dict[str, Any], stale_s: float = 5.0) -> None:
         self._names = sorted(models)
+        self._stale_s = stale_s
+        self._loads: dict[tuple[str, str], tuple[float, dict[str, int]]] = {}
 
     async def list(self) -> list[str]:
         return self._names
+
+    async def report_load(self, model: str, replica: str, load: dict[str, int]) -> None:
+        self._loads[(model, replica)] = (time.monotonic(), load)
+
+    async def load(self) -> dict[str, dict[str, int]]:
+        """Per model: requests queued and running summed over the replicas that reported
+        in the last ``stale_s`` seconds, and how many replicas those are."""
+        now = time.monotonic()
+        self._loads = {k: v for k, v in self._loads.items() if now - v[0] <= self._stale_s}
+        out: dict[str, dict[str, int]] = {}
+        for (model, _), (_, load) in self._loads.items():
+            row = out.setdefault(model, {"queued": 0, "running": 0, "replicas": 0})
+            row["queued"] += int(load.get("queued", 0))
+            row["running"] += int(load.get("running", 0))
+            row["replicas"] += 1
+        return out
 
 
 def pin_versions(config: ServeConfig, store: ModelStore) -> ServeConfig:
@@ -179,12 +199,25 @@ class DeploymentStatus:
     replicas: dict[str, int]
     min_replicas: int
     max_replicas: int
-    queued: int | None
+    queued: int | None  # Generate requests waiting for a batch in the replicas (None: no report)
+    running: int | None  # in the batches computing now
+
+
+def replica_load(app_name: str = "genfleet", timeout_s: float = 5.0) -> dict[str, dict[str, int]]:
+    """The load the replicas last reported to the app's Directory, per model."""
+    try:
+        loads: dict[str, dict[str, int]] = serve.get_app_handle(app_name).load.remote().result(
+            timeout_s=timeout_s)
+    except Exception as exc:  # app down or directory restarting: status still shows replicas
+        log.warning("no replica load from %s: %s", app_name, exc)
+        return {}
+    return loads
 
 
 def status(config: ServeConfig) -> list[DeploymentStatus]:
-    """Replica states per model, with the configured bounds and version."""
+    """Replica states per model, with the configured bounds, version and queue depth."""
     app = serve.status().applications.get(config.app_name)
+    loads = replica_load(config.app_name) if app else {}
     rows = []
     for name, m in config.models.items():
         dep = app.deployments.get(name) if app else None
@@ -195,6 +228,7 @@ def status(config: ServeConfig) -> list[DeploymentStatus]:
                       for k, v in (dep.replica_states.items() if dep else [])},
             min_replicas=int(m.autoscaling_config.get("min_replicas", 1)),
             max_replicas=int(m.autoscaling_config.get("max_replicas", 1)),
-            queued=None,
+            queued=loads[name]["queued"] if name in loads else None,
+            running=loads[name]["running"] if name in loads else None,
         ))
     return rows

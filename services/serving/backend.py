@@ -6,6 +6,9 @@ failures turned into genfleet's errors (DESIGN.md §4, §7).
 - ``BackPressureError`` (``max_queued_requests`` reached) -> Overloaded.
 - A replica that died or is not there yet -> ModelNotReady. Every call is a pure function
   of its request (seeded sampling), so it is retried on another replica while time is left.
+- Generate requests are coalesced per model (``services.serving.coalesce``) with the
+  deployment's own dynamic-batching settings, read from a replica and cached for
+  ``info_ttl_s``: one Ray call per group instead of one per request.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from ray.serve.handle import DeploymentHandle
 from services.core import api
 from services.core.errors import DeadlineExceeded, ModelNotReady, Overloaded
 from services.serving.backends import BaseBackend
+from services.serving.coalesce import Coalescer
 
 log = logging.getLogger("genfleet.backend")
 _UNAVAILABLE = (RayActorError, ActorUnavailableError, DeploymentUnavailableError,
@@ -45,6 +49,8 @@ class ServeBackend(BaseBackend):
         self._handles: dict[str, DeploymentHandle] = {}
         self._names: list[str] | None = None
         self._infos: dict[str, tuple[float, api.ModelInfo]] = {}
+        self._batching: dict[str, tuple[float, tuple[int, float]]] = {}
+        self.coalescers: dict[str, Coalescer[api.GenerateRequest, Any]] = {}
 
     # ---------------------------------------------------------------- models
     async def model_names(self, refresh: bool = False) -> list[str]:
@@ -71,6 +77,16 @@ class ServeBackend(BaseBackend):
         self._infos[name] = (time.monotonic(), result)
         return result
 
+    async def batching(self, name: str) -> tuple[int, float]:
+        """The deployment's (max_batch_size, batch_wait_timeout_s), cached like ``info``."""
+        cached = self._batching.get(name)
+        if cached and time.monotonic() - cached[0] < self.info_ttl_s:
+            return cached[1]
+        settings = await self._call(name, "batch_settings", None, None)
+        value = (int(settings["max_batch_size"]), float(settings["batch_wait_timeout_s"]))
+        self._batching[name] = (time.monotonic(), value)
+        return value
+
     async def healthy(self, name: str | None = None) -> bool:
         """Overall (any model) or one model: a running replica answers ``info``."""
         try:
@@ -82,7 +98,30 @@ class ServeBackend(BaseBackend):
             return False
 
     # ----------------------------------------------------------------- calls
-    async def _call(self, name: str, method: str, request: Any, deadline: float | None) -> Any:
+    async def generate(self, request: api.GenerateRequest) -> api.GenerateResult:
+        info = await self.resolve(request.model)
+        max_size, wait_s = await self.batching(info.name)
+        if max_size <= 1:
+            return await super().generate(request)
+        coalescer = self.coalescers.get(info.name)
+        if coalescer is None:
+            async def send(group: list[api.GenerateRequest], name: str = info.name) -> list[Any]:
+                deadlines = [r.deadline for r in group]
+                deadline = None if None in deadlines else max(d for d in deadlines if d)
+                results: list[Any] = await self._call(name, "generate_batch", group, deadline,
+                                                      unwrap=False)
+                return results
+            coalescer = self.coalescers[info.name] = Coalescer(send)
+        timeout = None if request.deadline is None else max(0.0, request.deadline - time.time())
+        try:
+            result = await asyncio.wait_for(coalescer.submit(request, max_size, wait_s), timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(f"deadline passed while {info.name}.generate ran") from None
+        generated: api.GenerateResult = api.unwrap(result)
+        return generated
+
+    async def _call(self, name: str, method: str, request: Any, deadline: float | None, *,
+                    unwrap: bool = True) -> Any:
         attempt = 0
         while True:
             handle = self._handle(name)
@@ -110,4 +149,4 @@ class ServeBackend(BaseBackend):
                 log.warning("%s.%s: replica unavailable, retrying (%d)", name, method, attempt)
                 await asyncio.sleep(0.2 * attempt)
                 continue
-            return api.unwrap(result)
+            return api.unwrap(result) if unwrap else result

@@ -1,12 +1,17 @@
 """The generic Ray Serve deployment: one per served model, any family.
 
-- ``generate`` goes through ``@serve.batch``: concurrent callers share one forward pass;
-  the batch runs in a worker thread so the replica's event loop keeps accepting requests.
+- ``generate`` goes through ``@serve.batch`` (``max_batch_size`` requests or
+  ``batch_wait_timeout_s`` after the first); ``generate_batch`` takes a group the gateway
+  already coalesced with the same settings. Both feed one ``MergingRunner``: batches run
+  one at a time in a worker thread (the event loop keeps accepting requests) and all that
+  queued meanwhile is merged into the next forward pass, up to ``max_batch_size``.
 - A caller that goes away (the gateway cancels the response when the client's deadline
   passes) cancels its token; a group whose callers all left stops between sampler steps.
 - ``reconfigure`` (the deployment's ``user_config``) loads a checkpoint version beside the
   one being served and swaps it in when ready: no request fails during a rollout. It also
   sets the dynamic-batching size and wait at run time.
+- Every second the replica reports its load (requests waiting for a batch, requests in
+  the running batch) to the app's ``Directory``, which ``genfleet status`` reads.
 - User errors come back as ``api.ErrorResult`` values, never as Ray exceptions, so the
   gateway can map them to status codes without parsing Ray's wrappers.
 """
@@ -24,10 +29,12 @@ from ray import serve
 
 from services.core import api
 from services.core.errors import GenfleetError, ModelNotReady
+from services.serving.coalesce import MergingRunner
 from services.serving.server import CancelToken, ModelServer
 
 log = logging.getLogger("genfleet.serving")
 T = TypeVar("T")
+Item = tuple[api.GenerateRequest, CancelToken, float]
 
 
 @serve.deployment
@@ -43,11 +50,18 @@ class ModelDeployment:
         self._kwargs: dict[str, Any] = {"device": device, "autocast": autocast,
                                         "max_samples_per_request": max_samples_per_request}
         self._server: ModelServer | None = None
+        self._max_batch_size = 32
+        self._runner: MergingRunner[Item, api.GenerateResult | api.ErrorResult] = MergingRunner(
+            self._run_batch, lambda: self._max_batch_size)
+        self._ongoing = 0  # generate requests accepted and not answered
+        self._reporter: asyncio.Task[None] | None = None
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
         """Apply ``user_config``: ``version`` (None: latest), ``max_batch_size``,
         ``batch_wait_timeout_s``."""
         version = config.get("version")
+        if self._reporter is None:
+            self._reporter = asyncio.get_running_loop().create_task(self._report_load())
         if self._server is None:
             self._server = await asyncio.to_thread(
                 ModelServer, self._store_root, self._name, version, **self._kwargs)
@@ -57,7 +71,8 @@ class ModelDeployment:
             log.info("%s now serves version %d", self._name, info.version)
         batcher: Any = self._batched  # the @serve.batch wrapper carries its setters
         if "max_batch_size" in config:
-            batcher.set_max_batch_size(int(config["max_batch_size"]))
+            self._max_batch_size = max(1, int(config["max_batch_size"]))
+            batcher.set_max_batch_size(self._max_batch_size)
         if "batch_wait_timeout_s" in config:
             batcher.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
 
@@ -76,6 +91,22 @@ class ModelDeployment:
         """Requests per dynamic batch this replica has run -> how many such batches."""
         return dict(self._server.batch_sizes) if self._server else {}
 
+    def load(self) -> dict[str, int]:
+        """Generate requests in this replica: waiting for a batch, and in the running one."""
+        running = self._runner.running
+        return {"queued": max(0, self._ongoing - running), "running": running}
+
+    async def _report_load(self, period_s: float = 1.0) -> None:
+        context = serve.get_replica_context()
+        directory = serve.get_app_handle(context.app_name)
+        replica = context.replica_id.unique_id
+        while True:
+            try:
+                await directory.report_load.remote(self._name, replica, self.load())
+            except Exception as exc:  # the directory restarts with the app: try again
+                log.debug("load report failed: %s", exc)
+            await asyncio.sleep(period_s)
+
     async def batch_settings(self) -> dict[str, float]:
         batcher: Any = self._batched
         return {"max_batch_size": batcher._get_max_batch_size(),
@@ -84,6 +115,7 @@ class ModelDeployment:
     async def generate(self, request: api.GenerateRequest
                        ) -> api.GenerateResult | api.ErrorResult:
         token = CancelToken(request.deadline)
+        self._ongoing += 1
         try:
             result: api.GenerateResult | api.ErrorResult = await self._batched(
                 (request, token, time.perf_counter()))
@@ -91,15 +123,36 @@ class ModelDeployment:
         except asyncio.CancelledError:
             token.cancel()  # the sampler loop sees it between steps
             raise
+        finally:
+            self._ongoing -= 1
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
-    async def _batched(self, items: list[tuple[api.GenerateRequest, CancelToken, float]]
-                       ) -> list[api.GenerateResult | api.ErrorResult]:
+    async def generate_batch(self, requests: list[api.GenerateRequest]
+                             ) -> list[api.GenerateResult | api.ErrorResult]:
+        """A group coalesced by the caller; results in the same order."""
+        now = time.perf_counter()
+        items = [(r, CancelToken(r.deadline), now) for r in requests]
+        self._ongoing += len(items)
+        try:
+            return await self._runner.submit(items)
+        except asyncio.CancelledError:
+            for _, token, _ in items:
+                token.cancel()
+            raise
+        finally:
+            self._ongoing -= len(items)
+
+    # many batches may wait in the runner at once: they merge there, not here
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=64)
+    async def _batched(self, items: list[Item]) -> list[api.GenerateResult | api.ErrorResult]:
+        return await self._runner.submit(items)
+
+    def _run_batch(self, items: list[Item]) -> list[api.GenerateResult | api.ErrorResult]:
+        """One forward pass (per sampler-option group) over ``items``; in a worker thread."""
         try:
             server = self._ready()
         except GenfleetError as exc:
             return [api.ErrorResult.of(exc)] * len(items)
-        return await asyncio.to_thread(server.generate_many, items)
+        return server.generate_many(items)
 
     async def _call(self, fn: Callable[[Any], T], request: Any) -> T | api.ErrorResult:
         try:

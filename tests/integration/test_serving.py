@@ -78,6 +78,21 @@ def test_concurrent_requests_share_batches_and_stay_identical(gateway: GatewayTh
     assert max(k for k, v in new_batches.items() if v > 0) > 1, new_batches
 
 
+def test_direct_handle_calls_are_batched_too(app: ModelStore) -> None:
+    """Callers other than the gateway (one request per call) share ``@serve.batch``."""
+    from services.core import api
+    from services.models import sample_seeds
+
+    handle = serve.get_deployment_handle("vae", "genfleet")
+    before = handle.batch_sizes.remote().result()
+    responses = [handle.generate.remote(api.GenerateRequest("vae", 1, seed=s)) for s in range(12)]
+    results = [api.unwrap(r.result()) for r in responses]
+    after = handle.batch_sizes.remote().result()
+    assert [r.seeds for r in results] == [sample_seeds(s, 1) for s in range(12)]
+    new_batches = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert max(k for k, v in new_batches.items() if v > 0) > 1, new_batches
+
+
 def test_same_seed_is_byte_identical_under_concurrent_load(gateway: GatewayThread) -> None:
     with GenfleetClient(gateway.target, retries=0) as client:
         reference = client.generate("diffusion", 3, seed=42, labels=[1, 2, 3]).samples
@@ -192,6 +207,31 @@ def test_status_reports_versions_and_replicas(app: ModelStore) -> None:
     rows = {r.name: r for r in serving.status(serving.load_state(app))}
     assert set(rows) == set(FAMILY_NAMES)
     assert rows["flow"].version == 1 and rows["flow"].replicas.get("RUNNING", 0) >= 1
+
+
+def test_status_reports_queue_depth(gateway: GatewayThread, app: ModelStore) -> None:
+    config = serving.load_state(app)
+    done = threading.Event()
+
+    def busy() -> None:  # four slow requests: one batch runs, the others wait or join it
+        with GenfleetClient(gateway.target, retries=0) as client, ThreadPoolExecutor(4) as pool:
+            list(pool.map(lambda s: client.generate("ebm", 64, seed=s, options={"steps": 300}),
+                          range(4)))
+        done.set()
+
+    thread = threading.Thread(target=busy)
+    thread.start()
+    seen: list[tuple[int | None, int | None]] = []
+    while not done.is_set():
+        row = next(r for r in serving.status(config) if r.name == "ebm")
+        seen.append((row.queued, row.running))
+        time.sleep(0.3)
+    thread.join()
+    assert any((running or 0) > 0 for _, running in seen), seen
+    time.sleep(2.5)  # the next reports come after the work is done
+    rows = {r.name: r for r in serving.status(config)}
+    assert all(r.queued is not None for r in rows.values()), rows  # every model reports
+    assert (rows["ebm"].queued, rows["ebm"].running) == (0, 0)
 
 
 def test_generate_returns_numpy_that_matches_in_process(gateway: GatewayThread,

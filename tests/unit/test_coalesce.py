@@ -1,0 +1,198 @@
+"""Request coalescing (gateway side) and batch merging (replica side), without Ray."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+
+import pytest
+
+from services.serving.coalesce import Coalescer, MergingRunner
+
+
+class Recorder:
+    """A ``send`` that records its groups and answers ``item * 10``."""
+
+    def __init__(self, delay: float = 0.0, fail: Exception | None = None) -> None:
+        self.groups: list[list[int]] = []
+        self.cancelled = 0
+        self.delay = delay
+        self.fail = fail
+
+    async def __call__(self, group: list[int]) -> list[int]:
+        self.groups.append(list(group))
+        try:
+            await asyncio.sleep(self.delay)
+        except asyncio.CancelledError:
+            self.cancelled += 1
+            raise
+        if self.fail is not None:
+            raise self.fail
+        return [i * 10 for i in group]
+
+
+def test_concurrent_calls_within_the_window_become_one_group() -> None:
+    async def main() -> None:
+        send = Recorder()
+        c = Coalescer(send)
+        results = await asyncio.gather(*(c.submit(i, 32, 0.05) for i in range(5)))
+        assert results == [0, 10, 20, 30, 40]
+        assert send.groups == [[0, 1, 2, 3, 4]]
+        assert c.group_sizes == Counter({5: 1})
+
+    asyncio.run(main())
+
+
+def test_a_full_group_is_sent_without_waiting() -> None:
+    async def main() -> None:
+        send = Recorder()
+        c = Coalescer(send)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        results = await asyncio.gather(*(c.submit(i, 4, 10.0) for i in range(8)))
+        assert loop.time() - t0 < 1.0  # the 10 s window never ran out
+        assert results == [i * 10 for i in range(8)]
+        assert send.groups == [[0, 1, 2, 3], [4, 5, 6, 7]]
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize(("max_size", "wait_s"), [(1, 0.05), (8, 0.0)])
+def test_batching_off_sends_every_call_alone(max_size: int, wait_s: float) -> None:
+    async def main() -> None:
+        send = Recorder()
+        c = Coalescer(send)
+        assert await asyncio.gather(*(c.submit(i, max_size, wait_s) for i in range(3))) == [0, 10, 20]
+        assert send.groups == [[0], [1], [2]]
+
+    asyncio.run(main())
+
+
+def test_a_caller_that_leaves_does_not_affect_its_group() -> None:
+    async def main() -> None:
+        send = Recorder(delay=0.2)
+        c = Coalescer(send)
+        tasks = [asyncio.create_task(c.submit(i, 32, 0.01)) for i in range(3)]
+        await asyncio.sleep(0.05)  # the group is in flight
+        tasks[1].cancel()
+        assert await tasks[0] == 0 and await tasks[2] == 20
+        with pytest.raises(asyncio.CancelledError):
+            await tasks[1]
+        assert send.cancelled == 0
+
+    asyncio.run(main())
+
+
+def test_a_group_whose_callers_all_left_is_cancelled() -> None:
+    async def main() -> None:
+        send = Recorder(delay=5.0)
+        c = Coalescer(send)
+        tasks = [asyncio.create_task(c.submit(i, 32, 0.01)) for i in range(2)]
+        await asyncio.sleep(0.05)
+        for t in tasks:
+            t.cancel()
+        await asyncio.sleep(0.05)
+        assert send.cancelled == 1
+        assert c.in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_a_caller_that_leaves_before_the_send_is_not_sent() -> None:
+    async def main() -> None:
+        send = Recorder()
+        c = Coalescer(send)
+        gone = asyncio.create_task(c.submit(1, 32, 0.05))
+        stays = asyncio.create_task(c.submit(2, 32, 0.05))
+        await asyncio.sleep(0.01)
+        gone.cancel()
+        assert await stays == 20
+        assert send.groups == [[2]]
+
+    asyncio.run(main())
+
+
+def test_a_failed_group_fails_every_caller() -> None:
+    async def main() -> None:
+        c = Coalescer(Recorder(fail=ValueError("replica gone")))
+        results = await asyncio.gather(*(c.submit(i, 32, 0.01) for i in range(3)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, ValueError) for r in results)
+        assert c.pending == 0 and c.in_flight == 0
+
+    asyncio.run(main())
+
+
+def test_a_short_answer_is_an_error_not_a_hang() -> None:
+    async def short(group: list[int]) -> list[int]:
+        return group[:-1]
+
+    async def main() -> None:
+        c = Coalescer(short)
+        results = await asyncio.gather(*(c.submit(i, 32, 0.01) for i in range(3)),
+                                       return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) for r in results)
+
+    asyncio.run(main())
+
+
+# ------------------------------------------------------------------ MergingRunner
+class BlockingRun:
+    """A ``run`` whose first call blocks until released; records every run's items."""
+
+    def __init__(self) -> None:
+        self.runs: list[list[int]] = []
+        self.release = threading.Event()
+        self.started = threading.Event()
+
+    def __call__(self, items: list[int]) -> list[int]:
+        self.runs.append(list(items))
+        self.started.set()
+        self.release.wait(5)
+        if -1 in items:
+            raise RuntimeError("bug")
+        return [i + 100 for i in items]
+
+
+def test_batches_queued_during_a_run_merge_into_the_next_run() -> None:
+    async def main() -> None:
+        run = BlockingRun()
+        runner = MergingRunner(run, lambda: 5)
+        first = asyncio.create_task(runner.submit([0]))
+        await asyncio.to_thread(run.started.wait, 5)
+        later = [asyncio.create_task(runner.submit(items))
+                 for items in ([1, 2], [3], [4, 5], [6])]
+        await asyncio.sleep(0.05)
+        assert runner.queued == 6
+        run.release.set()
+        assert await first == [100]
+        assert [await t for t in later] == [[101, 102], [103], [104, 105], [106]]
+        # [1,2] + [3] + [4,5] = 5 = the limit; [6] runs next
+        assert run.runs == [[0], [1, 2, 3, 4, 5], [6]]
+        assert runner.run_sizes == Counter({1: 2, 5: 1})
+
+    asyncio.run(main())
+
+
+def test_a_batch_larger_than_the_limit_runs_alone() -> None:
+    async def main() -> None:
+        run = BlockingRun()
+        run.release.set()
+        runner = MergingRunner(run, lambda: 2)
+        assert await runner.submit([1, 2, 3]) == [101, 102, 103]
+
+    asyncio.run(main())
+
+
+def test_a_failing_run_fails_its_callers_and_the_runner_goes_on() -> None:
+    async def main() -> None:
+        run = BlockingRun()
+        run.release.set()
+        runner = MergingRunner(run, lambda: 1)
+        with pytest.raises(RuntimeError, match="bug"):
+            await runner.submit([-1])
+        assert await runner.submit([1]) == [101]
+
+    asyncio.run(main())
+
