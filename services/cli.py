@@ -1,6 +1,6 @@
 """The ``genfleet`` command line.
 
-Model zoo: ``train`` (in-process with ``--local``), ``eval``, ``models``, ``zoo`` (train
+Model zoo: ``train`` (a Ray Train job, or in-process with ``--local``), ``eval``, ``models``, ``zoo`` (train
 every family that has no checkpoint yet, evaluate all, write grids and a report).
 Serving (``services.cli_serve``): ``up``, ``down``, ``status``, ``scale``, ``deploy``,
 ``generate``, ``score``, ``bench``.
@@ -52,15 +52,14 @@ def _store(args: argparse.Namespace) -> Any:
 # --------------------------------------------------------------------- commands
 def cmd_train(args: argparse.Namespace) -> int:
     if not args.local:
-        raise InvalidArgument(
-            "--local", "only in-process training exists in this release; pass --local")
+        return _train_on_ray(args)
     from services.training.recipes import train_and_save
 
     _threads(args.threads)
     train_overrides = {"epochs": args.epochs, "max_minutes": args.minutes,
                        "batch_size": args.batch_size, "lr": args.lr, "seed": args.seed}
     checkpoint, result = train_and_save(
-        args.family, store=_store(args), name=args.name, data_spec=args.data,
+        args.family, store=_store(args), name=args.name, data_spec=args.data or "digits",
         config_overrides=_parse_sets(args.set), train_overrides=train_overrides,
         evaluate=not args.no_eval, eval_samples=args.eval_samples, progress=not args.quiet,
     )
@@ -68,6 +67,40 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{result.steps} steps, {result.samples_per_second:.0f} samples/s -> {checkpoint.path}")
     if checkpoint.metrics:
         print(_format_metrics(checkpoint.metrics))
+    return 0
+
+
+def _train_on_ray(args: argparse.Namespace) -> int:
+    """``genfleet train FAMILY --workers N``: a Ray Train job, then export (and deploy)."""
+    from cluster.train import job
+    from services.serving import app as serving
+
+    if args.minutes is not None:
+        raise InvalidArgument("--minutes", "only with --local; bound a Ray job with --epochs")
+    train = {k: v for k, v in (("epochs", args.epochs), ("batch_size", args.batch_size),
+                               ("lr", args.lr), ("seed", args.seed)) if v is not None}
+    spec = job.spec_from_config(
+        args.family, path=args.config, name=args.name, job=args.job, data=args.data,
+        workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+        cpus_per_worker=args.cpus_per_worker, model=_parse_sets(args.set), train=train)
+    store = _store(args)
+    if args.address or args.deploy:  # a running cluster (`auto`: the one `genfleet up` runs)
+        serving.connect(args.address)
+    else:
+        needed = spec.workers * spec.cpus_per_worker + 1  # + the train controller
+        serving.start_cluster(None, num_cpus=max(4, int(needed + 0.999)))
+    print(f"job {spec.job}: {spec.family} on {spec.workers} worker(s) "
+          f"({spec.cpus_per_worker} CPU, {spec.gpus_per_worker} GPU each), data {spec.data}; "
+          f"runs in {job.storage_path(store.root) / spec.job}", flush=True)
+    result = job.run(spec, store, evaluate=not args.no_eval, eval_samples=args.eval_samples,
+                     progress=not args.quiet)
+    print(job.describe(result))
+    if result.metrics:
+        print(_format_metrics(result.metrics))
+    if args.deploy:
+        name, version = result.ref.split("@")
+        serving.rollout(store, name, int(version))
+        print(f"{name} now serves version {version}")
     return 0
 
 
@@ -198,20 +231,34 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("train", help="train a model family and store a new version")
+    p = sub.add_parser("train", help="train a model family (Ray Train job, or --local) and "
+                                     "store a new version")
     p.add_argument("family")
-    p.add_argument("--local", action="store_true", help="train in this process")
-    p.add_argument("--data", default="digits", help="data spec (digits, mnist:DIR, ...)")
+    p.add_argument("--local", action="store_true", help="train in this process, without Ray")
+    p.add_argument("--data", default=None, help="data spec (digits, mnist:DIR, ...)")
     p.add_argument("--name", default=None, help="model name in the store (default: family)")
     p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--minutes", type=float, default=None, help="wall-time budget")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--minutes", type=float, default=None, help="wall-time budget (--local)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="global batch (split across workers)")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="model config override (repeatable), e.g. --set width=32")
     p.add_argument("--no-eval", action="store_true", help="skip the quality evaluation")
     p.add_argument("--eval-samples", type=int, default=1000)
+    ray_args = p.add_argument_group("Ray Train job (without --local)")
+    ray_args.add_argument("--workers", type=int, default=None, help="DDP workers (default 2)")
+    ray_args.add_argument("--gpus-per-worker", type=float, default=None)
+    ray_args.add_argument("--cpus-per-worker", type=float, default=None)
+    ray_args.add_argument("--job", default=None,
+                          help="run name (default: the model name); re-running it resumes")
+    ray_args.add_argument("--config", default=None,
+                          help="train YAML (default cluster/configs/train.yaml)")
+    ray_args.add_argument("--address", default=None,
+                          help="Ray cluster to submit to (default: a local embedded one)")
+    ray_args.add_argument("--deploy", action="store_true",
+                          help="roll serving to the new version (joins the running cluster)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="quality report of a stored model")

@@ -17,7 +17,7 @@ import torch
 from services.core import data as datasets
 from services.core.errors import InvalidArgument
 from services.core.store import Checkpoint, ModelStore
-from services.models import ModelConfig, model_class
+from services.models import GenerativeModel, ModelConfig, model_class
 from services.training.loop import TrainConfig, TrainResult, fit
 
 
@@ -63,20 +63,28 @@ def train_and_save(
     torch.manual_seed(train_cfg.seed)
     model = klass(config)
     result = fit(model, splits, train_cfg, progress=progress, log=log)
-    metrics: dict[str, Any] = {}
-    if evaluate:
-        from services.evaluation.report import evaluate_model
-
-        metrics = evaluate_model(result.model, splits, store=store, num_samples=eval_samples,
-                                 progress=progress).to_json()
     training = {
         "steps": result.steps, "epochs": result.epochs, "seconds": round(result.seconds, 2),
         "samples_per_second": round(result.samples_per_second, 1), "best_val": result.best_val,
         "config": {k: v for k, v in dataclasses.asdict(train_cfg).items()},
         "final": result.history[-1] if result.history else {}, "finished": time.time(),
     }
-    checkpoint = store.save(
-        name, family=family, config=config.to_dict(), state=result.model.state_dict(),
-        data=data.describe(), metrics=metrics, training=training,
-    )
+    checkpoint = export(store, name, family, config, result.model, data, splits, training,
+                        evaluate=evaluate, eval_samples=eval_samples, progress=progress)
     return checkpoint, result
+
+
+def export(store: ModelStore, name: str, family: str, config: ModelConfig,
+           model: GenerativeModel, data: datasets.Dataset, splits: datasets.Splits,
+           training: Mapping[str, Any], *, evaluate: bool = True, eval_samples: int = 1000,
+           progress: bool = True) -> Checkpoint:
+    """Evaluate a trained model (FD, bits/dim, ... on the test split) and write it to the
+    store as a new version of ``name`` with the metrics and the training record."""
+    metrics: dict[str, Any] = {}
+    if evaluate:
+        from services.evaluation.report import evaluate_model
+
+        metrics = evaluate_model(model, splits, store=store, num_samples=eval_samples,
+                                 progress=progress).to_json()
+    return store.save(name, family=family, config=config.to_dict(), state=model.state_dict(),
+                      data=data.describe(), metrics=metrics, training=dict(training))

@@ -54,8 +54,15 @@ def test_text_autoregressive_trains_and_prints_samples(
 def test_user_errors_exit_2_with_a_clear_message(
         tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store = str(tmp_path)
-    assert main(["--store", store, "train", "gan"]) == 2
-    assert "--local" in capsys.readouterr().err
+    # a Ray Train job's arguments are checked before any cluster starts
+    assert main(["--store", store, "train", "gan", "--minutes", "1"]) == 2
+    assert "--minutes" in capsys.readouterr().err
+    assert main(["--store", store, "train", "gan", "--workers", "0"]) == 2
+    assert "workers" in capsys.readouterr().err
+    assert main(["--store", store, "train", "nope"]) == 2
+    assert "unknown family 'nope'" in capsys.readouterr().err
+    assert main(["--store", store, "train", "gan", "--job", "a/b"]) == 2
+    assert "job" in capsys.readouterr().err
     assert main(["--store", store, "train", "nope", "--local"]) == 2
     assert "unknown family 'nope'" in capsys.readouterr().err
     assert main(["--store", store, "eval", "missing"]) == 2
