@@ -116,6 +116,7 @@ def train_worker(spec_dict: dict[str, Any]) -> None:
     import ray.train.torch
     import torch.distributed as dist
 
+    from cluster.train.metrics import TrainMetrics
     from services.core import data as datasets
     from services.models import model_class
     from services.training.loop import TrainConfig, Trainer, tensors, validation_loss
@@ -163,6 +164,7 @@ def train_worker(spec_dict: dict[str, Any]) -> None:
         history = list(state["history"])
         if state["best_state"] is not None:
             best = (float(state["best_val"]), state["best_state"])
+    metrics = TrainMetrics(spec.name, spec.family)
     torch.manual_seed(cfg.seed + 7919 * (rank + 1) + resumed)  # per-rank, per-attempt noise
     model.train()
     for epoch in range(resumed + 1, cfg.epochs + 1):
@@ -192,9 +194,11 @@ def train_worker(spec_dict: dict[str, Any]) -> None:
                               for k, v in trainer.inference_model().state_dict().items()})
             model.train()
         history.append(row)
+        metrics.worker_epoch(seen)
         if rank == 0:
+            metrics.epoch(epoch, row)
             with (Path(spec_dict["run_dir"]) / PROGRESS_FILE).open("a") as f:
-                f.write(json.dumps({**row, "epochs": cfg.epochs}) + "\n")
+                f.write(json.dumps({**row, "epochs": cfg.epochs, "wall": time.time()}) + "\n")
             with tempfile.TemporaryDirectory() as tmp:
                 _save_state(Path(tmp), trainer, epoch, history, best)
                 ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
@@ -250,7 +254,7 @@ class _Progress:
                         bar = tqdm(total=int(row["epochs"]), initial=int(row["epoch"]) - 1,
                                    desc=f"train {self.job}", unit="epoch", dynamic_ncols=True)
                     bar.set_postfix({k: f"{v:.4g}" for k, v in row.items()
-                                     if k not in ("epoch", "epochs", "resumed_from")},
+                                     if k not in ("epoch", "epochs", "resumed_from", "wall")},
                                     refresh=False)
                     bar.update(int(row["epoch"]) - bar.n)
             if stopping:

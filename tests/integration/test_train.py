@@ -54,6 +54,28 @@ def test_two_worker_job_exports_an_evaluated_servable_checkpoint(
     assert "fd_ratio" in meta.metrics and "test_bits_per_dim" in meta.metrics
     assert [int(h["epoch"]) for h in result.history] == [1, 2]
     _served_sample(store, "vae-ddp")
+    # training metrics reached Ray's Prometheus endpoint
+    text = _scrape_until('ray_genfleet_train_epoch_epochs{', 'model="vae-ddp"')
+    assert 'ray_genfleet_train_loss{' in text and 'phase="main"' in text
+    assert 'ray_genfleet_train_samples_total{' in text
+
+
+def _scrape_until(*needles: str, timeout_s: float = 30.0) -> str:
+    """Ray's metrics export endpoint, polled until every needle appears."""
+    import urllib.request
+
+    import ray
+
+    port = ray._private.worker.global_worker.node.metrics_export_port
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        if all(n in text for n in needles):
+            return text
+        time.sleep(1.0)
+    raise AssertionError(f"{needles} not exported within {timeout_s} s")
 
 
 def test_two_worker_gan_trains_both_phases(ray_cluster: None, store: ModelStore) -> None:
