@@ -161,3 +161,33 @@ def test_a_killed_worker_is_replaced_and_training_resumes(
     assert [int(h["epoch"]) for h in result.history] == list(range(1, 7))
     model, _ = load_model(store, result.ref)
     assert torch.isfinite(model.sample([1, 2], labels=torch.tensor([0, 1]))).all()
+
+
+def test_train_with_deploy_rolls_serving_to_the_new_version(ray_cluster: None,
+                                                            tmp_path: Path) -> None:
+    from ray import serve
+
+    from services.cli import main
+    from services.core import api
+    from services.serving import app as serving
+    from services.serving.config import load_config
+    from tests.helpers import tiny_store
+
+    store = tiny_store(tmp_path / "store", families=["vae"])  # vae@1, served below
+    config = load_config(models=["vae"])
+    config.models["vae"].autoscaling_config = {"min_replicas": 1, "max_replicas": 1,
+                                               "initial_replicas": 1}
+    serving.deploy(config, store)
+    try:
+        handle = serve.get_deployment_handle("vae", "genfleet")
+        assert api.unwrap(handle.info.remote().result()).version == 1
+        sets = [f"--set={k}={v}" for k, v in TINY_CONFIGS["vae"].items()]
+        assert main(["--store", str(store.root), "-q", "train", "vae", "--workers", "1",
+                     "--cpus-per-worker", "1", "--epochs", "1", "--no-eval", "--deploy",
+                     *sets]) == 0
+        assert store.versions("vae") == [1, 2]
+        result = api.unwrap(handle.generate.remote(api.GenerateRequest("vae", 2)).result())
+        assert result.version == 2
+        assert serving.load_state(store).models["vae"].version == 2
+    finally:
+        serve.delete("genfleet")
