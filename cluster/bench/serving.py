@@ -8,7 +8,8 @@ process); this process only runs the gRPC clients and changes batching live (rol
 1. diffusion at saturation: served samples/s vs the raw model in-process at the batch
    size the server forms (one replica, same torch threads);
 2. dynamic batching: gan, vae, flow with 16 clients x 1 sample: max_batch_size 1 vs the
-   default (32, 5 ms window) and vs tuned for closed-loop load (16, 50 ms); one replica;
+   default (32, 5 ms window), measured alternately ``--rounds`` times (ratio of medians),
+   and once tuned for closed-loop load (16, 50 ms); one replica;
 3. gateway overhead: p50 of a 1-sample gan request through gRPC vs a direct
    DeploymentHandle call from the same process;
 4. ``genfleet up`` with checkpoints present -> first successful Generate.
@@ -113,6 +114,8 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=15.0)
     parser.add_argument("--out", default=".docs/bench/serving.json")
     parser.add_argument("--port", type=int, default=50977)
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating unbatched/batched measurements per model")
     args = parser.parse_args()
     # after disconnecting, Serve's router thread must not start a new local Ray instance
     os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
@@ -154,19 +157,34 @@ def main() -> int:
         print(f"diffusion: served {served['samples_per_s']:.1f} samples/s, raw "
               f"{raw['samples_per_s']:.1f} -> {results['diffusion_saturation']['served_over_raw']:.2f}",
               flush=True)
-        # 2. dynamic batching vs max_batch_size=1 at 16 clients x 1 sample
+        # 2. dynamic batching vs max_batch_size=1 at 16 clients x 1 sample; the two are
+        #    measured alternately, `rounds` times, and compared by their medians (this
+        #    shared machine drifts by more than the effect between runs minutes apart)
         results["batching"] = {}
         for name in ("gan", "vae", "flow"):
-            row: dict[str, Any] = {}
-            for size, wait in ((1, 0.0), (32, 0.005), (16, 0.05)):
-                _set_batching(store, name, size, wait)
-                row[f"batch_{size}_wait_{wait}"] = run_grpc_load(
-                    target, name, concurrency=16, duration_s=args.duration, samples=1)
-            base = row["batch_1_wait_0.0"]["samples_per_s"]
-            row["ratio_default"] = row["batch_32_wait_0.005"]["samples_per_s"] / base
-            row["ratio_tuned"] = row["batch_16_wait_0.05"]["samples_per_s"] / base
+            row: dict[str, Any] = {"rounds": args.rounds}
+            for _ in range(args.rounds):
+                for size, wait in ((1, 0.0), (32, 0.005)):
+                    _set_batching(store, name, size, wait)
+                    row.setdefault(f"batch_{size}_wait_{wait}", []).append(run_grpc_load(
+                        target, name, concurrency=16, duration_s=args.duration, samples=1))
+            _set_batching(store, name, 16, 0.05)
+            row["batch_16_wait_0.05"] = [run_grpc_load(
+                target, name, concurrency=16, duration_s=args.duration, samples=1)]
+
+            def median(key: str, row: dict[str, Any] = row) -> float:
+                return statistics.median(r["samples_per_s"] for r in row[key])
+
+            base = median("batch_1_wait_0.0")
+            row["unbatched_samples_per_s"] = base
+            row["ratio_default"] = median("batch_32_wait_0.005") / base
+            row["ratio_tuned"] = median("batch_16_wait_0.05") / base
+            row["ratio_default_per_round"] = [
+                b["samples_per_s"] / u["samples_per_s"]
+                for u, b in zip(row["batch_1_wait_0.0"], row["batch_32_wait_0.005"], strict=True)]
             results["batching"][name] = row
-            print(f"{name}: unbatched {base:.0f}, default {row['ratio_default']:.2f}x, "
+            print(f"{name}: unbatched {base:.0f}, default {row['ratio_default']:.2f}x "
+                  f"(rounds {', '.join(f'{r:.2f}' for r in row['ratio_default_per_round'])}), "
                   f"tuned {row['ratio_tuned']:.2f}x", flush=True)
         # 3. gateway overhead on a 1-sample gan request (no batching window on either path)
         _set_batching(store, "gan", 1, 0.0)
