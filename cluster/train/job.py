@@ -278,7 +278,7 @@ def run(spec: JobSpec, store: Any, *, evaluate: bool = True, eval_samples: int =
 
     from services.core import data as datasets
     from services.models import model_class
-    from services.training.loop import TrainConfig
+    from services.training.loop import TrainConfig, tensors
     from services.training.recipes import export, model_config
 
     started = time.perf_counter()
@@ -316,7 +316,7 @@ def run(spec: JobSpec, store: Any, *, evaluate: bool = True, eval_samples: int =
     config = model_config(spec.family, data, spec.config_overrides)
     klass = model_class(spec.family)
     model = klass(config)
-    model.prepare(*_train_tensors(splits))
+    model.prepare(*tensors(splits.train))
     cfg = TrainConfig.for_model(model, **spec.train_overrides)
     if state["best_state"] is not None:
         weights = state["best_state"]
@@ -356,13 +356,6 @@ def _exported(store: Any, spec: JobSpec, state: dict[str, Any]) -> Any:
                 and record.get("epochs") == int(state["epoch"])):
             return meta
     return None
-
-
-def _train_tensors(splits: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    from services.training.loop import tensors
-
-    x, y = tensors(splits.train)
-    return x, y
 
 
 def describe(result: JobResult) -> str:

@@ -111,27 +111,25 @@ def load_state(store: ModelStore, app_name: str = "genfleet") -> ServeConfig:
 
 # ------------------------------------------------------------------ cluster
 def start_cluster(address: str | None = None, *, num_cpus: int | None = None,
-                  metrics_port: int | None = None, log_to_driver: bool = False) -> None:
-    """Join ``address``, or start an embedded local cluster with explicit logical CPUs.
-    ``log_to_driver`` forwards the workers' output here."""
+                  metrics_port: int | None = None) -> None:
+    """Join ``address``, or start an embedded local cluster with explicit logical CPUs."""
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "0")
     if address:
-        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=log_to_driver)
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return
     ray.init(num_cpus=num_cpus if num_cpus is not None else max(4, os.cpu_count() or 2),  # logical
-             include_dashboard=False, logging_level=logging.WARNING, log_to_driver=log_to_driver,
+             include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
              _metrics_export_port=metrics_port)
 
 
-def connect(address: str | None = None, *, log_to_driver: bool = False) -> None:
+def connect(address: str | None = None) -> None:
     """Join a running cluster (``auto``: the local one ``genfleet up`` started)."""
     if ray.is_initialized():
         return
     try:
-        ray.init(address=address or "auto", logging_level=logging.ERROR,
-                 log_to_driver=log_to_driver)
+        ray.init(address=address or "auto", logging_level=logging.ERROR, log_to_driver=False)
     except ConnectionError as exc:
         raise ModelNotReady(f"no Ray cluster at {address or 'auto'}: run genfleet up") from exc
 
