@@ -56,9 +56,10 @@ def _ray_job(store: Any, family: str, workers: int, epochs: int, batch: int) -> 
             (job.storage_path(store.root) / spec.job / job.PROGRESS_FILE).read_text().splitlines()]
     first, last = rows[0], rows[-1]
     from services.core import data as datasets
+    from services.training.loop import steps_per_epoch
 
     n_train = len(datasets.split(datasets.load("digits")).train)
-    per_epoch = (n_train // batch) * batch
+    per_epoch = steps_per_epoch(n_train, batch, workers) * batch
     first_epoch_s = per_epoch / first["samples_per_s"]
     steady = per_epoch * (len(rows) - 1) / (last["wall"] - first["wall"])
     return {"workers": workers, "seconds": time.time() - started,

@@ -5,9 +5,10 @@ cluster. Each worker runs ``train_worker``:
 
 - the same model, data split, ``TrainConfig`` and ``Trainer.step`` as ``genfleet train
   --local``; identical initial weights on every rank, then per-rank noise seeds;
-- a distributed sampler: every epoch one permutation (seeded by the epoch), each global
-  batch split across ranks, so N workers on a global batch B take the same optimiser
-  steps as 1 worker on B (DDP averages the gradients);
+- a distributed sampler (``loop.batches`` with ``rank``/``world``): every epoch one
+  permutation (seeded by the epoch), each global batch split across ranks, so N workers
+  on a global batch B take the same optimiser steps as 1 worker on B (DDP averages the
+  gradients);
 - a checkpoint every epoch through ``ray.train.report`` (model, EMA, optimisers,
   schedulers, history; ``torch.load(weights_only=True)`` reads it back, never a pickle);
 - on start, ``ray.train.get_checkpoint()``: a replaced worker (``FailureConfig``) or a
@@ -70,23 +71,6 @@ class JobSpec:
 
 
 # ----------------------------------------------------------------------- worker side
-def shard_batches(x: torch.Tensor, y: torch.Tensor | None, global_batch: int, epoch: int,
-                  seed: int, rank: int, world: int
-                  ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """This rank's share of every global batch of ``epoch`` (drop-last, like ``batches``)."""
-    if global_batch % world:
-        raise InvalidArgument("batch_size", f"the global batch {global_batch} must be a "
-                                            f"multiple of the {world} workers")
-    gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(x.shape[0], generator=gen)
-    size = min(global_batch, x.shape[0] - x.shape[0] % world)
-    out = []
-    for start in range(0, x.shape[0] - size + 1, size):
-        idx = order[start:start + size][rank::world].to(x.device)
-        out.append((x[idx], None if y is None else y[idx]))
-    return out
-
-
 def _save_state(directory: Path, trainer: Any, epoch: int, history: list[dict[str, float]],
                 best: tuple[float, dict[str, torch.Tensor]] | None) -> None:
     state = {
@@ -119,7 +103,14 @@ def train_worker(spec_dict: dict[str, Any]) -> None:
     from cluster.train.metrics import TrainMetrics
     from services.core import data as datasets
     from services.models import model_class
-    from services.training.loop import TrainConfig, Trainer, tensors, validation_loss
+    from services.training.loop import (
+        TrainConfig,
+        Trainer,
+        batches,
+        steps_per_epoch,
+        tensors,
+        validation_loss,
+    )
     from services.training.recipes import model_config
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report
@@ -138,7 +129,7 @@ def train_worker(spec_dict: dict[str, Any]) -> None:
     model = klass(config).to(device)
     x, y = tensors(splits.train, device)
     model.prepare(x, y)
-    per_epoch = len(shard_batches(x, y, cfg.batch_size, 0, cfg.seed, rank, world))
+    per_epoch = steps_per_epoch(len(x), cfg.batch_size, world)
     checkpoint = ray.train.get_checkpoint()
     resumed = 0
     state: dict[str, Any] | None = None
@@ -171,7 +162,9 @@ def train_worker(spec_dict: dict[str, Any]) -> None:
         started = time.perf_counter()
         sums: dict[str, float] = {}
         seen = 0
-        for xb, yb in shard_batches(x, y, cfg.batch_size, epoch, cfg.seed, rank, world):
+        # one permutation per epoch, seeded by the epoch: a resumed run sees the same order
+        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
+        for xb, yb in batches(x, y, cfg.batch_size, gen, rank=rank, world=world):
             for k, v in trainer.step(xb, yb).items():
                 sums[k] = sums.get(k, 0.0) + v
             seen += len(xb)

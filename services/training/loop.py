@@ -147,14 +147,28 @@ class Trainer:
         return module
 
 
-def batches(x: Tensor, y: Tensor | None, batch_size: int, generator: torch.Generator
-            ) -> Iterator[tuple[Tensor, Tensor | None]]:
-    """Shuffled mini-batches; the last partial batch is dropped when a full one exists."""
+def steps_per_epoch(n: int, batch_size: int, world: int = 1) -> int:
+    """Optimiser steps in one epoch of ``batches`` over ``n`` examples."""
+    size = min(batch_size, n - n % world)
+    return max(0, (n - size) // size + 1) if size > 0 else 0
+
+
+def batches(x: Tensor, y: Tensor | None, batch_size: int, generator: torch.Generator, *,
+            rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """Shuffled mini-batches; the last partial batch is dropped when a full one exists.
+
+    With ``world`` > 1 (distributed training) every batch of ``batch_size`` is split across
+    the ranks and this yields rank ``rank``'s share, so the ranks together take the same
+    steps as one process on the whole batch.
+    """
+    if batch_size % world:
+        raise InvalidArgument("batch_size", f"the global batch {batch_size} must be a "
+                                            f"multiple of the {world} workers")
     n = x.shape[0]
-    order = torch.randperm(n, generator=generator)
-    size = min(batch_size, n)
+    order = torch.randperm(n, generator=generator).to(x.device)
+    size = min(batch_size, n - n % world)
     for start in range(0, n - size + 1, size):
-        idx = order[start:start + size]
+        idx = order[start:start + size][rank::world]
         yield x[idx], (None if y is None else y[idx])
 
 
@@ -196,7 +210,7 @@ def fit(model: GenerativeModel, splits: Splits, config: TrainConfig, *,
     device = model.device
     x, y = tensors(splits.train, device)
     model.prepare(x, y)
-    per_epoch = max(1, len(x) // min(config.batch_size, len(x)))
+    per_epoch = max(1, steps_per_epoch(len(x), config.batch_size))
     trainer = Trainer(model, config, total_steps=per_epoch * config.epochs)
     gen = torch.Generator().manual_seed(config.seed)
     history: list[dict[str, float]] = []
