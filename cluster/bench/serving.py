@@ -31,6 +31,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster.bench import print_table
+
 MODELS = ["autoregressive", "diffusion", "ebm", "flow", "gan", "vae"]
 
 
@@ -217,11 +219,7 @@ def main() -> int:
     ]
     table.append(("genfleet up -> first Generate (s)",
                   f"{results['startup_to_first_generate_s']:.1f}", "<= 30"))
-    width = max(len(r[0]) for r in table)
-    print(f"\n{'measure':<{width}}  {'value':>8}  target")
-    for name, value, target in table:
-        print(f"{name:<{width}}  {value:>8}  {target}")
-    print(f"\njson: {args.out}")
+    print_table(table, out=args.out)
     return 0
 
 

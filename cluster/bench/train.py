@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster.bench import print_table
+
 
 def _in_process(family: str, epochs: int, batch: int) -> dict[str, Any]:
     import torch
@@ -109,11 +111,8 @@ def main() -> int:
         ("  ratio to 1 worker", f"{results['ray_2_over_ray_1']:.2f}", ""),
         ("Ray Train start-up, 2 workers (s)", f"{results['ray_2_worker']['startup_s']:.1f}", ""),
     ]
-    width = max(len(r[0]) for r in table)
-    print(f"\n{args.family}, {args.epochs} epochs, global batch {args.batch_size}")
-    for name, value, target in table:
-        print(f"{name:<{width}}  {value:>8}  {target}")
-    print(f"\njson: {args.out}")
+    print_table(table, title=f"{args.family}, {args.epochs} epochs, global batch "
+                             f"{args.batch_size}", out=args.out)
     return 0
 
 

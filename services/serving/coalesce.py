@@ -119,7 +119,6 @@ class MergingRunner(Generic[T, R]):
         self._queue: list[tuple[list[T], asyncio.Future[list[R]]]] = []
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
-        self.run_sizes: Counter[int] = Counter()  # items per run -> count
         self.running = 0  # items in the run now computing
 
     @property
@@ -152,7 +151,6 @@ class MergingRunner(Generic[T, R]):
                 if not taken:
                     continue
                 flat = [item for items, _ in taken for item in items]
-                self.run_sizes[len(flat)] += 1
                 self.running = len(flat)
                 try:
                     results = await asyncio.to_thread(self._run, flat)
