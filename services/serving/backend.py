@@ -101,8 +101,10 @@ class ServeBackend(BaseBackend):
     async def generate(self, request: api.GenerateRequest) -> api.GenerateResult:
         info = await self.resolve(request.model)
         max_size, wait_s = await self.batching(info.name)
-        if max_size <= 1:
-            return await super().generate(request)
+        if max_size <= 1:  # batching off: every request alone, no coalescing either
+            alone: api.GenerateResult = await self._call(info.name, "generate", request,
+                                                         request.deadline)
+            return alone
         coalescer = self.coalescers.get(info.name)
         if coalescer is None:
             async def send(group: list[api.GenerateRequest], name: str = info.name) -> list[Any]:
