@@ -69,6 +69,10 @@ class JobSpec:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def train_config(self) -> dict[str, Any]:
+        """``TrainConfig`` overrides: bf16 autocast on GPU workers unless ``amp`` is set."""
+        return {"amp": self.gpus_per_worker > 0, **self.train_overrides}
+
 
 # ----------------------------------------------------------------------- worker side
 def _save_state(directory: Path, trainer: Any, epoch: int, history: list[dict[str, float]],
@@ -124,7 +128,7 @@ def train_worker(spec_dict: dict[str, Any]) -> None:
     splits = datasets.split(data)
     config = model_config(spec.family, data, spec.config_overrides)
     klass = model_class(spec.family)
-    cfg = TrainConfig.for_model(klass(config), **spec.train_overrides)
+    cfg = TrainConfig.for_model(klass(config), **spec.train_config())
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = klass(config).to(device)
     x, y = tensors(splits.train, device)
@@ -310,7 +314,7 @@ def run(spec: JobSpec, store: Any, *, evaluate: bool = True, eval_samples: int =
     klass = model_class(spec.family)
     model = klass(config)
     model.prepare(*tensors(splits.train))
-    cfg = TrainConfig.for_model(model, **spec.train_overrides)
+    cfg = TrainConfig.for_model(model, **spec.train_config())
     if state["best_state"] is not None:
         weights = state["best_state"]
     elif state["ema"] is not None:  # AveragedModel's keys: "module.<name>" + n_averaged
