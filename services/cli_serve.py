@@ -56,11 +56,15 @@ async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, star
         host=args.host, port=args.port, token=args.token or os.environ.get("GENFLEET_TOKEN"),
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
-        tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None))
+        tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port))
     port = await gateway.start()
     target = f"{args.host}:{port}"
+    metrics = ({"gateway": f"http://{args.host}:{gateway.metrics_port}/metrics"}
+               if gateway.metrics_port is not None else {})
+    metrics.update(await asyncio.to_thread(_ray_metrics))
     state = {"pid": os.getpid(), "target": target, "app": config.app_name,
-             "models": list(config.models), "started": time.time()}
+             "models": list(config.models), "started": time.time(), "metrics": metrics}
     (_run_dir(store) / "up.json").write_text(json.dumps(state))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -71,12 +75,27 @@ async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, star
           f"reflection{', TLS' if args.tls_cert else ''}{', token auth' if args.token else ''})")
     print(f"  models           {', '.join(f'{m}@{c.version}' for m, c in config.models.items())}")
     print(f"  model store      {store.root}")
+    for what, where in metrics.items():
+        print(f"  metrics          {where}  ({what})")
+    if args.dashboard_port >= 0 and args.address is None:
+        print(f"  Ray dashboard    http://127.0.0.1:{args.dashboard_port}")
     print("  stop with        genfleet down  (or Ctrl-C)", flush=True)
     if args.demo:
         await asyncio.to_thread(_demo, target, list(config.models), Path(args.demo), args)
     await stop.wait()
     print("shutting down: health NOT_SERVING, finishing in-flight requests", flush=True)
     await gateway.stop(grace=args.grace)
+
+
+def _ray_metrics() -> dict[str, str]:
+    from services.serving import app as serving
+
+    for _ in range(20):  # the dashboard writes the discovery file within a few seconds
+        found = serving.metrics_endpoints()
+        if "service discovery" in found:
+            break
+        time.sleep(0.5)
+    return found
 
 
 def _demo(target: str, models: list[str], out: Path, args: argparse.Namespace) -> None:
@@ -111,7 +130,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     config = load_config(args.config, models=args.models or None)
     _train_missing(store, list(config.models), args.train_minutes, not args.quiet)
     print("starting Ray and the Serve application ...", flush=True)
-    serving.start_cluster(args.address, num_cpus=args.num_cpus)
+    serving.start_cluster(args.address, num_cpus=args.num_cpus,
+                          metrics_port=None if args.ray_metrics_port < 0 else args.ray_metrics_port,
+                          dashboard_port=None if args.dashboard_port < 0 else args.dashboard_port)
     embedded = args.address is None
     try:
         serving.deploy(config, store)
@@ -291,6 +312,13 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--tls-cert", default=None)
     p.add_argument("--tls-key", default=None)
     p.add_argument("--tls-client-ca", default=None, help="require client certificates (mTLS)")
+    p.add_argument("--metrics-port", type=int, default=8080,
+                   help="gateway Prometheus /metrics port (0: any free port, -1: none)")
+    p.add_argument("--ray-metrics-port", type=int, default=8081,
+                   help="Ray's metrics export port on the embedded cluster (-1: any free port)")
+    p.add_argument("--dashboard-port", type=int, default=8265,
+                   help="Ray dashboard on 127.0.0.1 (it also writes the Prometheus "
+                        "service-discovery file); -1: no dashboard")
     p.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")
     p.add_argument("--train-minutes", type=float, default=5.0,
                    help="training cap for a family that has no checkpoint")

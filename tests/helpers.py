@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+import urllib.request
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -65,3 +67,19 @@ class GatewayThread:
         self.run(self.gateway.stop(grace))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
+
+
+def scrape_ray_metrics(*needles: str, timeout_s: float = 30.0) -> str:
+    """This node's Ray metrics export endpoint, polled until every needle appears."""
+    from ray._private.worker import global_worker
+
+    port = global_worker.node.metrics_export_port
+    deadline = time.monotonic() + timeout_s
+    text = ""
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        if all(n in text for n in needles):
+            return text
+        time.sleep(1.0)
+    raise AssertionError(f"{needles} not exported within {timeout_s} s")

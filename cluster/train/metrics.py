@@ -3,20 +3,8 @@ specs in ``services.core.metrics``."""
 
 from __future__ import annotations
 
-from typing import Any
-
-from ray.util import metrics as ray_metrics
-
 from services.core import metrics as specs
-
-
-def _make(spec: specs.MetricSpec) -> Any:
-    if spec.kind == "counter":
-        return ray_metrics.Counter(spec.name, spec.help, tag_keys=spec.labels)
-    if spec.kind == "gauge":
-        return ray_metrics.Gauge(spec.name, spec.help, tag_keys=spec.labels)
-    return ray_metrics.Histogram(spec.name, spec.help, boundaries=list(spec.buckets),
-                                 tag_keys=spec.labels)
+from services.serving.metrics import make as _make
 
 
 class TrainMetrics:

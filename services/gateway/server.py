@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 from services.core import api
 from services.core.errors import InvalidArgument
 from services.gateway import codec
+from services.gateway.metrics import GatewayMetrics, MetricsInterceptor
 from services.gateway.pb.genfleet.v1 import generation_pb2 as pb
 from services.gateway.pb.genfleet.v1 import generation_pb2_grpc as pb_grpc
 from services.gateway.status import status_of
@@ -59,6 +60,7 @@ class GatewayConfig:
     stream_chunk: int = 16  # GenerateStream samples per message by default
     stream_parallel: int = 4  # chunks in flight at once (they share dynamic batches)
     health_interval_s: float = 2.0
+    metrics_port: int | None = None  # serve Prometheus /metrics here (0: any free port)
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -201,13 +203,18 @@ class Gateway:
         self.config = config or GatewayConfig()
         self.port: int | None = None
         self.health = health.aio.HealthServicer()
+        self.metrics = GatewayMetrics([SERVICE])
+        self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._health_task: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
         """Bind and start; returns the bound port."""
         c = self.config
-        interceptors = [TokenAuth(c.token)] if c.token else []
+        # metrics first: it also counts the calls that authentication rejects
+        interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics)]
+        if c.token:
+            interceptors.append(TokenAuth(c.token))
         server = grpc.aio.server(interceptors=interceptors, options=[
             ("grpc.max_receive_message_length", c.max_message_bytes),
             ("grpc.max_send_message_length", c.max_message_bytes),
@@ -229,6 +236,8 @@ class Gateway:
             self.port = server.add_insecure_port(address)
         await server.start()
         self._server = server
+        if c.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
         await self._refresh_health()
         self._health_task = asyncio.create_task(self._health_loop())
         log.info("gateway listening on %s:%d", c.host, self.port)
@@ -239,6 +248,7 @@ class Gateway:
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
         try:
             names = await self.backend.model_names()
+            self.metrics.models = frozenset(names)
         except Exception:
             names = []
         states = {n: await self.backend.healthy(n) for n in names}
@@ -261,6 +271,7 @@ class Gateway:
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
+        self.metrics.close()
 
     async def wait(self) -> None:
         if self._server is not None:

@@ -111,17 +111,44 @@ def load_state(store: ModelStore, app_name: str = "genfleet") -> ServeConfig:
 
 # ------------------------------------------------------------------ cluster
 def start_cluster(address: str | None = None, *, num_cpus: int | None = None,
-                  metrics_port: int | None = None) -> None:
-    """Join ``address``, or start an embedded local cluster with explicit logical CPUs."""
+                  metrics_port: int | None = None, dashboard_port: int | None = None) -> None:
+    """Join ``address``, or start an embedded local cluster with explicit logical CPUs.
+
+    ``metrics_port``: Ray's metrics export port on this node (None: any free port).
+    ``dashboard_port``: run the Ray dashboard on 127.0.0.1 there; it also writes Ray's
+    Prometheus service-discovery file (``/tmp/ray/prom_metrics_service_discovery.json``)
+    that ``deploy/prometheus/prometheus.yml`` reads. None: no dashboard, no file.
+    """
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "0")
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return
+    dashboard: dict[str, Any] = {"include_dashboard": False}
+    if dashboard_port is not None:
+        dashboard = {"include_dashboard": True, "dashboard_host": "127.0.0.1",
+                     "dashboard_port": dashboard_port}
     ray.init(num_cpus=num_cpus if num_cpus is not None else max(4, os.cpu_count() or 2),  # logical
-             include_dashboard=False, logging_level=logging.WARNING, log_to_driver=False,
-             _metrics_export_port=metrics_port)
+             logging_level=logging.WARNING, log_to_driver=False,
+             _metrics_export_port=metrics_port, **dashboard)
+
+
+def metrics_endpoints() -> dict[str, str]:
+    """Where this cluster's metrics are: every live node's metrics export address, and
+    Ray's service-discovery file when the dashboard writes one."""
+    from ray._private import ray_constants
+    from ray._private.worker import global_worker
+
+    out = {f"ray node {n['NodeManagerAddress']}":
+           f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+           for n in ray.nodes() if n.get("Alive")}
+    node = global_worker.node
+    temp_dir = Path(node.get_temp_dir_path() if node is not None else "/tmp/ray")
+    discovery = temp_dir / ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE
+    if discovery.exists():
+        out["service discovery"] = str(discovery)
+    return out
 
 
 def connect(address: str | None = None) -> None:

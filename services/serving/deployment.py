@@ -11,7 +11,9 @@
   one being served and swaps it in when ready: no request fails during a rollout. It also
   sets the dynamic-batching size and wait at run time.
 - Every second the replica reports its load (requests waiting for a batch, requests in
-  the running batch) to the app's ``Directory``, which ``genfleet status`` reads.
+  the running batch) to the app's ``Directory``, which ``genfleet status`` reads, and to
+  Prometheus (``ReplicaMetrics``: queue and compute time, batch sizes, samples, sampler
+  steps, queue depth; exported by Ray with a ``ray_`` prefix).
 - User errors come back as ``api.ErrorResult`` values, never as Ray exceptions, so the
   gateway can map them to status codes without parsing Ray's wrappers.
 """
@@ -30,6 +32,7 @@ from ray import serve
 from services.core import api
 from services.core.errors import GenfleetError, ModelNotReady
 from services.serving.coalesce import MergingRunner
+from services.serving.metrics import ReplicaMetrics
 from services.serving.server import CancelToken, ModelServer
 
 log = logging.getLogger("genfleet.serving")
@@ -55,6 +58,7 @@ class ModelDeployment:
             self._run_batch, lambda: self._max_batch_size)
         self._ongoing = 0  # generate requests accepted and not answered
         self._reporter: asyncio.Task[None] | None = None
+        self._metrics: ReplicaMetrics | None = None
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
         """Apply ``user_config``: ``version`` (None: latest), ``max_batch_size``,
@@ -65,6 +69,8 @@ class ModelDeployment:
         if self._server is None:
             self._server = await asyncio.to_thread(
                 ModelServer, self._store_root, self._name, version, **self._kwargs)
+            self._metrics = ReplicaMetrics(self._name, self._server.info.family)
+            self._server.observer = self._metrics
         elif version is None or int(version) != self._server.version:
             # load beside the served version; the swap is one assignment
             info = await asyncio.to_thread(self._server.load, version)
@@ -101,8 +107,11 @@ class ModelDeployment:
         directory = serve.get_app_handle(context.app_name)
         replica = context.replica_id.unique_id
         while True:
+            load = self.load()
+            if self._metrics is not None:
+                self._metrics.load(load["queued"], load["running"], self._max_batch_size)
             try:
-                await directory.report_load.remote(self._name, replica, self.load())
+                await directory.report_load.remote(self._name, replica, load)
             except Exception as exc:  # the directory restarts with the app: try again
                 log.debug("load report failed: %s", exc)
             await asyncio.sleep(period_s)

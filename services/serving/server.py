@@ -19,7 +19,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -31,6 +31,13 @@ from services.core.store import Checkpoint, ModelStore, load_model
 from services.models import GenerativeModel, OptionSpec, sample_seeds
 
 MAX_SEED = 2**64 - 1
+
+
+class BatchObserver(Protocol):
+    """Told about every computed batch (metrics); called from the batch's thread."""
+
+    def batch(self, *, requests: int, samples: int, queue_s: Sequence[float],
+              compute_s: float, steps: int) -> None: ...
 
 
 class CancelToken:
@@ -106,7 +113,8 @@ class ModelServer:
 
     def __init__(self, store_root: str | Path, name: str, version: int | None = None, *,
                  device: str = "auto", autocast: str | None = None,
-                 max_samples_per_request: int = 256, max_batch_samples: int = 1024) -> None:
+                 max_samples_per_request: int = 256, max_batch_samples: int = 1024,
+                 observer: BatchObserver | None = None) -> None:
         self.store = ModelStore(store_root)
         self.name = name
         self.device = pick_device(device)
@@ -117,6 +125,7 @@ class ModelServer:
         self.max_batch_samples = max_batch_samples
         self._state: tuple[GenerativeModel, Checkpoint, api.ModelInfo] | None = None
         self.batch_sizes: Counter[int] = Counter()  # requests per dynamic batch -> count
+        self.observer = observer
         self.load(version)
 
     # ---------------------------------------------------------------- versions
@@ -195,7 +204,11 @@ class ModelServer:
             error = _stopped_error([p.token for p in group], "before the work started")
             return [api.ErrorResult.of(error) for _ in group]
 
+        steps = 0
+
         def callback(step: int, total: int) -> None:
+            nonlocal steps
+            steps += 1
             if all(p.token.stopped for p in live):
                 raise _stopped_error([p.token for p in live], f"at sampler step {step}")
 
@@ -215,6 +228,10 @@ class ModelServer:
         samples = torch.cat(chunks)
         finished = time.perf_counter()
         compute_ms = 1000 * (finished - started)
+        if self.observer is not None:
+            self.observer.batch(requests=len(live), samples=len(seeds), steps=steps,
+                                queue_s=[started - p.arrived for p in live],
+                                compute_s=finished - started)
         out: dict[int, api.GenerateResult | api.ErrorResult] = {
             p.index: api.ErrorResult.of(_stopped_error([p.token], "before the work started"))
             for p in group if p not in live}

@@ -10,6 +10,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import numpy as np
@@ -22,7 +23,7 @@ from services.gateway.server import GatewayConfig
 from services.serving import app as serving
 from services.serving.backend import ServeBackend
 from services.serving.config import load_config
-from tests.helpers import GatewayThread, tiny_store
+from tests.helpers import GatewayThread, scrape_ray_metrics, tiny_store
 
 # the RPC contract, rerun here against the Ray backend (fixtures below override)
 from tests.unit.test_gateway import *  # noqa: F403
@@ -232,6 +233,44 @@ def test_status_reports_queue_depth(gateway: GatewayThread, app: ModelStore) -> 
     rows = {r.name: r for r in serving.status(config)}
     assert all(r.queued is not None for r in rows.values()), rows  # every model reports
     assert (rows["ebm"].queued, rows["ebm"].running) == (0, 0)
+
+
+def _ray_families(text: str) -> dict[str, Any]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {f.name: f for f in text_string_to_metric_families(text)}
+
+
+def _flow_samples(text: str) -> float:
+    family = _ray_families(text).get("ray_genfleet_serve_samples")
+    return sum(s.value for s in family.samples if s.labels.get("model") == "flow") if family else 0
+
+
+def test_replicas_export_metrics_through_ray(gateway: GatewayThread) -> None:
+    """Ray's exposition parses; every replica metric has its spec's type and labels (plus
+    the labels Ray adds); samples and steps count exactly what was generated."""
+    from services.core import metrics
+
+    before = _flow_samples(scrape_ray_metrics())
+    with GenfleetClient(gateway.target, retries=0) as client:
+        client.generate("flow", 7, seed=3)
+        client.generate("flow", 5, seed=4)
+    deadline = time.monotonic() + 30
+    while (text := scrape_ray_metrics()) and _flow_samples(text) < before + 12:
+        assert time.monotonic() < deadline, "flow's samples were not exported within 30 s"
+        time.sleep(1)
+    assert _flow_samples(text) == before + 12
+    families = _ray_families(text)
+    added = {"Component", "NodeAddress", "SessionName", "Version", "WorkerId",
+             "otel_scope_name", "otel_scope_schema_url", "otel_scope_version"}
+    for spec in metrics.SERVE:
+        name = spec.exposed.removesuffix("_total") if spec.kind == "counter" else spec.exposed
+        assert name in families, name
+        assert families[name].type == spec.kind
+        for sample in families[name].samples:
+            assert set(sample.labels) - added - {"le"} == set(spec.labels), sample
+    steps = families["ray_genfleet_serve_sampler_steps"]
+    assert any(s.labels["model"] == "flow" and s.value >= 2 for s in steps.samples)
 
 
 def test_generate_returns_numpy_that_matches_in_process(gateway: GatewayThread,

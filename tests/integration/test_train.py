@@ -17,6 +17,7 @@ from cluster.train import job
 from services.core.store import ModelStore, load_model
 from services.serving.server import ModelServer
 from tests.conftest import TINY_CONFIGS
+from tests.helpers import scrape_ray_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -55,27 +56,9 @@ def test_two_worker_job_exports_an_evaluated_servable_checkpoint(
     assert [int(h["epoch"]) for h in result.history] == [1, 2]
     _served_sample(store, "vae-ddp")
     # training metrics reached Ray's Prometheus endpoint
-    text = _scrape_until('ray_genfleet_train_epoch_epochs{', 'model="vae-ddp"')
+    text = scrape_ray_metrics('ray_genfleet_train_epoch_epochs{', 'model="vae-ddp"')
     assert 'ray_genfleet_train_loss{' in text and 'phase="main"' in text
     assert 'ray_genfleet_train_samples_total{' in text
-
-
-def _scrape_until(*needles: str, timeout_s: float = 30.0) -> str:
-    """Ray's metrics export endpoint, polled until every needle appears."""
-    import urllib.request
-
-    import ray
-
-    port = ray._private.worker.global_worker.node.metrics_export_port
-    deadline = time.monotonic() + timeout_s
-    text = ""
-    while time.monotonic() < deadline:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        if all(n in text for n in needles):
-            return text
-        time.sleep(1.0)
-    raise AssertionError(f"{needles} not exported within {timeout_s} s")
 
 
 def test_two_worker_gan_trains_both_phases(ray_cluster: None, store: ModelStore) -> None:

@@ -1,0 +1,146 @@
+"""The gateway's Prometheus metrics (prometheus-client, its own registry and port).
+
+``MetricsInterceptor`` measures every GenerationService RPC from the outside, so calls
+the auth interceptor rejects are counted too (code UNAUTHENTICATED). The ``model`` label
+takes only served model names (without ``@version``); anything else a client sends is
+``other`` so that a caller cannot grow the label set.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+)
+from prometheus_client.exposition import start_http_server
+
+from services.core import metrics as specs
+
+OTHER = "other"  # the model label of requests for names the gateway does not serve
+
+
+def _make(spec: specs.MetricSpec, registry: CollectorRegistry) -> Any:
+    if spec.kind == "counter":  # prometheus-client adds _total itself
+        return Counter(spec.name.removesuffix("_total"), spec.help, spec.labels,
+                       registry=registry)
+    if spec.kind == "gauge":
+        return Gauge(spec.name, spec.help, spec.labels, registry=registry)
+    return Histogram(spec.name, spec.help, spec.labels, buckets=spec.buckets, registry=registry)
+
+
+class GatewayMetrics:
+    """The gateway's metric objects, in a registry of their own (one per gateway)."""
+
+    def __init__(self, services: Iterable[str]) -> None:
+        disable_created_metrics()  # no *_created series: nothing here queries them
+        self.registry = CollectorRegistry()
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory, fds
+        self.requests = _make(specs.GATEWAY_REQUESTS, self.registry)
+        self.latency = _make(specs.GATEWAY_LATENCY, self.registry)
+        self.in_flight = _make(specs.GATEWAY_IN_FLIGHT, self.registry)
+        self.services = tuple(f"/{s}/" for s in services)
+        self.models: frozenset[str] = frozenset()  # kept current by the gateway
+        self._http: Any = None
+
+    def model_label(self, request: Any) -> str:
+        ref = getattr(request, "model", "")
+        name = ref.split("@", 1)[0] if isinstance(ref, str) else ""
+        if not name:
+            return ""  # the RPC names no model (ListModels) or the request did not parse
+        return name if name in self.models else OTHER
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the ``/metrics`` HTTP endpoint; returns the bound port (``port`` 0: any)."""
+        self._http, _ = start_http_server(port, addr=host, registry=self.registry)
+        return int(self._http.server_port)
+
+    def close(self) -> None:
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+
+def _code(context: grpc.aio.ServicerContext, failure: BaseException | None) -> str:
+    code = context.code()  # set by abort() or set_code()
+    if isinstance(code, grpc.StatusCode):
+        return str(code.name)
+    if failure is None:
+        return "OK"
+    if isinstance(failure, asyncio.CancelledError):
+        return "CANCELLED"  # the client went away
+    return "UNKNOWN"  # what grpc reports for an exception the handler did not map
+
+
+class MetricsInterceptor(grpc.aio.ServerInterceptor):
+    """Counts, times and tracks in-flight RPCs of the instrumented services."""
+
+    def __init__(self, metrics: GatewayMetrics) -> None:
+        self._m = metrics
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        path = handler_call_details.method or ""
+        if handler is None or not path.startswith(self._m.services):
+            return handler
+        method = path.rsplit("/", 1)[-1]
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=self._unary(method, handler.unary_unary))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=self._stream(method, handler.unary_stream))
+        return handler
+
+    def _unary(self, method: str, behavior: Callable[..., Awaitable[Any]]
+               ) -> Callable[..., Awaitable[Any]]:
+        m = self._m
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            model = m.model_label(request)
+            started = time.perf_counter()
+            m.in_flight.labels(method, model).inc()
+            failure: BaseException | None = None
+            try:
+                return await behavior(request, context)
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                m.in_flight.labels(method, model).dec()
+                m.latency.labels(method, model).observe(time.perf_counter() - started)
+                m.requests.labels(method, model, _code(context, failure)).inc()
+
+        return wrapped
+
+    def _stream(self, method: str, behavior: Callable[..., AsyncIterator[Any]]
+                ) -> Callable[..., AsyncIterator[Any]]:
+        m = self._m
+
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[Any]:
+            model = m.model_label(request)
+            started = time.perf_counter()
+            m.in_flight.labels(method, model).inc()
+            failure: BaseException | None = None
+            try:
+                async for message in behavior(request, context):
+                    yield message
+            except BaseException as exc:
+                failure = exc
+                raise
+            finally:
+                m.in_flight.labels(method, model).dec()
+                m.latency.labels(method, model).observe(time.perf_counter() - started)
+                m.requests.labels(method, model, _code(context, failure)).inc()
+
+        return wrapped
