@@ -49,10 +49,14 @@ def _train_missing(store: Any, names: list[str], minutes: float, progress: bool)
 
 async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, started: float
                          ) -> None:
+    from cluster.batch.manager import BatchManager
     from services.gateway.server import Gateway, GatewayConfig
+    from services.serving import app as serving
     from services.serving.backend import ServeBackend
 
-    gateway = Gateway(ServeBackend(config.app_name), GatewayConfig(
+    batch_root = Path(args.batch_root) if args.batch_root else store.root.parent / "batches"
+    batches = BatchManager(store, batch_root)
+    gateway = Gateway(ServeBackend(config.app_name), batches=batches, config=GatewayConfig(
         host=args.host, port=args.port, token=args.token or os.environ.get("GENFLEET_TOKEN"),
         tls_cert=Path(args.tls_cert) if args.tls_cert else None,
         tls_key=Path(args.tls_key) if args.tls_key else None,
@@ -62,7 +66,7 @@ async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, star
     target = f"{args.host}:{port}"
     metrics = ({"gateway": f"http://{args.host}:{gateway.metrics_port}/metrics"}
                if gateway.metrics_port is not None else {})
-    metrics.update(await asyncio.to_thread(_ray_metrics))
+    metrics.update(await asyncio.to_thread(serving.metrics_endpoints))
     state = {"pid": os.getpid(), "target": target, "app": config.app_name,
              "models": list(config.models), "started": time.time(), "metrics": metrics}
     (_run_dir(store) / "up.json").write_text(json.dumps(state))
@@ -75,6 +79,7 @@ async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, star
           f"reflection{', TLS' if args.tls_cert else ''}{', token auth' if args.token else ''})")
     print(f"  models           {', '.join(f'{m}@{c.version}' for m, c in config.models.items())}")
     print(f"  model store      {store.root}")
+    print(f"  batch jobs       genfleet.v1.BatchService, outputs under {batch_root}")
     for what, where in metrics.items():
         print(f"  metrics          {where}  ({what})")
     if args.dashboard_port >= 0 and args.address is None:
@@ -85,17 +90,6 @@ async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, star
     await stop.wait()
     print("shutting down: health NOT_SERVING, finishing in-flight requests", flush=True)
     await gateway.stop(grace=args.grace)
-
-
-def _ray_metrics() -> dict[str, str]:
-    from services.serving import app as serving
-
-    for _ in range(20):  # the dashboard writes the discovery file within a few seconds
-        found = serving.metrics_endpoints()
-        if "service discovery" in found:
-            break
-        time.sleep(0.5)
-    return found
 
 
 def _demo(target: str, models: list[str], out: Path, args: argparse.Namespace) -> None:
@@ -316,9 +310,11 @@ def add_parsers(sub: Any) -> None:
                    help="gateway Prometheus /metrics port (0: any free port, -1: none)")
     p.add_argument("--ray-metrics-port", type=int, default=8081,
                    help="Ray's metrics export port on the embedded cluster (-1: any free port)")
-    p.add_argument("--dashboard-port", type=int, default=8265,
-                   help="Ray dashboard on 127.0.0.1 (it also writes the Prometheus "
-                        "service-discovery file); -1: no dashboard")
+    p.add_argument("--dashboard-port", type=int, default=-1,
+                   help="also run the Ray dashboard on 127.0.0.1 at this port (e.g. 8265); "
+                        "off by default: it costs ~1 ms per request on 2 cores")
+    p.add_argument("--batch-root", default=None,
+                   help="BatchService outputs go below this directory (default: beside the store)")
     p.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")
     p.add_argument("--train-minutes", type=float, default=5.0,
                    help="training cap for a family that has no checkpoint")
