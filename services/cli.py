@@ -279,9 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     _client_args(p)
     p.set_defaults(func=cmd_models)
 
+    from services.cli_batch import add_parsers as add_batch
     from services.cli_serve import add_parsers
 
     add_parsers(sub)
+    add_batch(sub)
 
     p = sub.add_parser("zoo", help="train (if needed) and evaluate all six families")
     p.add_argument("--families", nargs="*", default=None)

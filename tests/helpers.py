@@ -15,7 +15,7 @@ import torch
 
 from services.core.data import load_digits
 from services.core.store import ModelStore
-from services.gateway.server import Backend, Gateway, GatewayConfig
+from services.gateway.server import Backend, BatchBackend, Gateway, GatewayConfig
 from services.models import FAMILIES, build
 from services.training.loop import TrainConfig, Trainer
 from tests.conftest import TINY_CONFIGS
@@ -43,17 +43,19 @@ def tiny_store(root: Path, families: list[str] | None = None, steps: int = 15) -
 class GatewayThread:
     """Runs a Gateway on its own event loop in a daemon thread (for blocking tests)."""
 
-    def __init__(self, make_backend: Callable[[], Backend], config: GatewayConfig) -> None:
+    def __init__(self, make_backend: Callable[[], Backend], config: GatewayConfig,
+                 batches: Callable[[], BatchBackend] | None = None) -> None:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
-        self.gateway: Gateway = self.run(self._start(make_backend, config))
+        self.gateway: Gateway = self.run(self._start(make_backend, config, batches))
         assert self.gateway.port is not None
         self.port: int = self.gateway.port
         self.target = f"127.0.0.1:{self.port}"
 
-    async def _start(self, make_backend: Callable[[], Backend], config: GatewayConfig) -> Gateway:
-        gateway = Gateway(make_backend(), config)
+    async def _start(self, make_backend: Callable[[], Backend], config: GatewayConfig,
+                     batches: Callable[[], BatchBackend] | None) -> Gateway:
+        gateway = Gateway(make_backend(), config, batches() if batches else None)
         await gateway.start()
         return gateway
 

@@ -136,6 +136,38 @@ class DecodeResult:
     timings: Timings
 
 
+@dataclass
+class BatchRequest:
+    """A dataset-generation job (cluster/batch): ``output`` is relative to the server's
+    batch root."""
+
+    model: str
+    num_samples: int
+    output: str
+    format: str = "parquet"
+    shard_size: int = 1000
+    seed: int = 0
+    labels: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
+    workers: int = 1
+    gpus_per_worker: float = 0.0
+
+
+@dataclass
+class BatchStatus:
+    id: str
+    state: str  # running | succeeded | failed | cancelled
+    model: str
+    version: int
+    num_samples: int
+    samples_written: int
+    output_uri: str
+    manifest_uri: str = ""
+    error: str = ""
+    created: float = 0.0
+    finished: float = 0.0
+
+
 @dataclass(frozen=True)
 class ErrorResult:
     """A user-caused error carried as data across process boundaries (Ray, threads).

@@ -17,7 +17,7 @@ from typing import Literal
 Kind = Literal["counter", "gauge", "histogram"]
 Exporter = Literal["gateway", "ray"]
 LABELS = frozenset({"model", "family", "method", "code", "phase"})  # never seeds or ids
-UNITS = ("seconds", "samples", "requests", "epochs", "nats", "bytes", "ratio", "steps",
+UNITS = ("seconds", "samples", "requests", "epochs", "nats", "bytes", "ratio", "steps", "shards",
          "per_second")
 
 
@@ -123,9 +123,21 @@ TRAIN_SAMPLES = _check(MetricSpec(
     "genfleet_train_samples_total", "counter", "Training samples processed (this worker)",
     "samples", ("model", "family")))
 
+# ------------------------------------------------------------------- batch jobs
+BATCH_SAMPLES = _check(MetricSpec(
+    "genfleet_batch_written_samples_total", "counter",
+    "Samples a batch-generation job wrote in complete shards", "samples", ("model",)))
+BATCH_SHARDS = _check(MetricSpec(
+    "genfleet_batch_written_shards_total", "counter",
+    "Shards a batch-generation job wrote (renamed into place)", "shards", ("model",)))
+BATCH_ERRORS = _check(MetricSpec(
+    "genfleet_batch_errors_total", "counter", "Shards that failed to generate or write", "",
+    ("model",)))
+
 GATEWAY: tuple[MetricSpec, ...] = (GATEWAY_REQUESTS, GATEWAY_LATENCY, GATEWAY_IN_FLIGHT)
 SERVE: tuple[MetricSpec, ...] = (SERVE_QUEUE, SERVE_COMPUTE, SERVE_BATCH_REQUESTS,
                                  SERVE_BATCH_SAMPLES, SERVE_SAMPLES, SERVE_STEPS, SERVE_QUEUED,
                                  SERVE_RUNNING, SERVE_BATCH_LIMIT)
 TRAIN: tuple[MetricSpec, ...] = (TRAIN_LOSS, TRAIN_EPOCH, TRAIN_THROUGHPUT, TRAIN_SAMPLES)
-ALL: tuple[MetricSpec, ...] = GATEWAY + SERVE + TRAIN
+BATCH: tuple[MetricSpec, ...] = (BATCH_SAMPLES, BATCH_SHARDS, BATCH_ERRORS)
+ALL: tuple[MetricSpec, ...] = GATEWAY + SERVE + TRAIN + BATCH

@@ -20,6 +20,8 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.gateway import codec
+from services.gateway.pb.genfleet.v1 import batch_pb2 as bpb
+from services.gateway.pb.genfleet.v1 import batch_pb2_grpc as bpb_grpc
 from services.gateway.pb.genfleet.v1 import generation_pb2 as pb
 from services.gateway.pb.genfleet.v1 import generation_pb2_grpc as pb_grpc
 
@@ -65,6 +67,7 @@ class GenfleetClient:
         else:
             self.channel = grpc.insecure_channel(target, options=options)
         self.stub = pb_grpc.GenerationServiceStub(self.channel)
+        self.batch_stub = bpb_grpc.BatchServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
@@ -154,6 +157,45 @@ class GenfleetClient:
         resp = self._retry(lambda t: self.stub.Decode(req, timeout=t, metadata=self.metadata),
                            timeout)
         return _samples(resp)
+
+    # -------------------------------------------------------------- batch jobs
+    def submit_batch(self, model: str, n: int, output: str, *, format: str = "parquet",
+                     shard_size: int = 1000, seed: int = 0, labels: str = "",
+                     options: Mapping[str, Any] | None = None, workers: int = 1,
+                     gpus_per_worker: float = 0.0, timeout: float | None = None
+                     ) -> bpb.BatchJob:
+        """Start a dataset job under the server's batch root (``output``: a directory name)."""
+        req = bpb.SubmitBatchRequest(
+            model=model, num_samples=n, output=output,
+            format=bpb.BatchFormat.Value(f"BATCH_FORMAT_{format.upper()}"),
+            shard_size=shard_size, seed=seed, labels=labels,
+            options={k: codec.option_value(v) for k, v in (options or {}).items()},
+            workers=workers, gpus_per_worker=gpus_per_worker)
+        return self._retry(lambda t: self.batch_stub.SubmitBatch(
+            req, timeout=t, metadata=self.metadata), timeout)
+
+    def get_batch(self, job_id: str, timeout: float | None = None) -> bpb.BatchJob:
+        return self._retry(lambda t: self.batch_stub.GetBatch(
+            bpb.GetBatchRequest(id=job_id), timeout=t, metadata=self.metadata), timeout)
+
+    def cancel_batch(self, job_id: str, timeout: float | None = None) -> bpb.BatchJob:
+        return self._retry(lambda t: self.batch_stub.CancelBatch(
+            bpb.CancelBatchRequest(id=job_id), timeout=t, metadata=self.metadata), timeout)
+
+    def list_batches(self, timeout: float | None = None) -> list[bpb.BatchJob]:
+        resp = self._retry(lambda t: self.batch_stub.ListBatches(
+            bpb.ListBatchesRequest(), timeout=t, metadata=self.metadata), timeout)
+        return list(resp.jobs)
+
+    def wait_batch(self, job_id: str, timeout: float = 3600.0, poll_s: float = 0.5
+                   ) -> bpb.BatchJob:
+        """Poll until the job is no longer running."""
+        deadline = time.monotonic() + timeout
+        while True:
+            job = self.get_batch(job_id)
+            if job.state != bpb.BATCH_STATE_RUNNING or time.monotonic() > deadline:
+                return job
+            time.sleep(poll_s)
 
     def health(self, service: str = "", timeout: float = 5.0) -> str:
         """SERVING, NOT_SERVING or SERVICE_UNKNOWN (standard grpc.health.v1)."""

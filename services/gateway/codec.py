@@ -10,6 +10,7 @@ import numpy as np
 
 from services.core import api
 from services.core.errors import InvalidArgument
+from services.gateway.pb.genfleet.v1 import batch_pb2 as bpb
 from services.gateway.pb.genfleet.v1 import generation_pb2 as pb
 
 _DTYPES: dict[int, np.dtype] = {
@@ -172,3 +173,31 @@ def model_info_to_pb(info: api.ModelInfo) -> pb.ModelInfo:
         score_kind=_SCORE_KINDS.get(info.score_kind or "", pb.SCORE_KIND_UNSPECIFIED),
         latent_shape=list(info.latent_shape or ()),
         max_samples_per_request=info.max_samples_per_request, metrics=info.metrics)
+
+
+# ---------------------------------------------------------------- batch jobs
+_BATCH_FORMATS = {bpb.BATCH_FORMAT_UNSPECIFIED: "parquet", bpb.BATCH_FORMAT_PARQUET: "parquet",
+                  bpb.BATCH_FORMAT_PNG: "png", bpb.BATCH_FORMAT_NPZ: "npz"}
+_BATCH_STATES = {"running": bpb.BATCH_STATE_RUNNING, "succeeded": bpb.BATCH_STATE_SUCCEEDED,
+                 "failed": bpb.BATCH_STATE_FAILED, "cancelled": bpb.BATCH_STATE_CANCELLED}
+
+
+def batch_request_from_pb(request: bpb.SubmitBatchRequest) -> api.BatchRequest:
+    if request.format not in _BATCH_FORMATS:
+        raise InvalidArgument("format", "must be BATCH_FORMAT_PARQUET, _PNG or _NPZ")
+    if request.workers < 0 or request.shard_size < 0:
+        raise InvalidArgument("workers" if request.workers < 0 else "shard_size", "must be >= 0")
+    return api.BatchRequest(
+        model=request.model, num_samples=request.num_samples, output=request.output,
+        format=_BATCH_FORMATS[request.format], shard_size=request.shard_size or 1000,
+        seed=request.seed, labels=request.labels, options=options_from_pb(request.options),
+        workers=request.workers or 1, gpus_per_worker=request.gpus_per_worker)
+
+
+def batch_status_to_pb(status: api.BatchStatus) -> bpb.BatchJob:
+    return bpb.BatchJob(
+        id=status.id, state=_BATCH_STATES[status.state], model=status.model,
+        version=status.version, num_samples=status.num_samples,
+        samples_written=status.samples_written, output_uri=status.output_uri,
+        manifest_uri=status.manifest_uri, error=status.error, created=status.created,
+        finished=status.finished)

@@ -26,12 +26,15 @@ from services.core import api
 from services.core.errors import InvalidArgument
 from services.gateway import codec
 from services.gateway.metrics import GatewayMetrics, MetricsInterceptor
+from services.gateway.pb.genfleet.v1 import batch_pb2 as bpb
+from services.gateway.pb.genfleet.v1 import batch_pb2_grpc as bpb_grpc
 from services.gateway.pb.genfleet.v1 import generation_pb2 as pb
 from services.gateway.pb.genfleet.v1 import generation_pb2_grpc as pb_grpc
 from services.gateway.status import status_of
 
 log = logging.getLogger("genfleet.gateway")
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+BATCH_SERVICE = bpb.DESCRIPTOR.services_by_name["BatchService"].full_name
 T = TypeVar("T")
 
 
@@ -46,6 +49,15 @@ class Backend(Protocol):
     async def score(self, request: api.ScoreRequest) -> api.ScoreResult: ...
     async def encode(self, request: api.EncodeRequest) -> api.EncodeResult: ...
     async def decode(self, request: api.DecodeRequest) -> api.DecodeResult: ...
+
+
+class BatchBackend(Protocol):
+    """Dataset-generation jobs (``cluster.batch.manager.BatchManager``)."""
+
+    async def submit(self, request: api.BatchRequest) -> api.BatchStatus: ...
+    async def get(self, job_id: str) -> api.BatchStatus: ...
+    async def cancel(self, job_id: str) -> api.BatchStatus: ...
+    async def list(self) -> list[api.BatchStatus]: ...
 
 
 @dataclass
@@ -68,6 +80,18 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.time() + remaining
 
 
+async def _run(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
+    """``call()``, with any error answered through the one status table."""
+    try:
+        return await call()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:
+        code, message = status_of(exc)
+        await context.abort(code, message)
+        raise AssertionError("unreachable") from exc  # abort raises
+
+
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """pb <-> domain for GenerationService. No torch, no model logic."""
 
@@ -77,14 +101,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
 
     async def _run(self, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]
                    ) -> T:
-        try:
-            return await call()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            code, message = status_of(exc)
-            await context.abort(code, message)
-            raise AssertionError("unreachable") from exc  # abort raises
+        return await _run(context, call)
 
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
@@ -160,6 +177,39 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         return await self._run(context, call)
 
 
+class BatchServicer(bpb_grpc.BatchServiceServicer):
+    """pb <-> domain for BatchService; the jobs run in the batch backend, not in the call."""
+
+    def __init__(self, batches: BatchBackend) -> None:
+        self._batches = batches
+
+    async def SubmitBatch(self, request: bpb.SubmitBatchRequest,
+                          context: grpc.aio.ServicerContext) -> bpb.BatchJob:
+        async def call() -> bpb.BatchJob:
+            req = codec.batch_request_from_pb(request)
+            return codec.batch_status_to_pb(await self._batches.submit(req))
+        return await _run(context, call)
+
+    async def GetBatch(self, request: bpb.GetBatchRequest,
+                       context: grpc.aio.ServicerContext) -> bpb.BatchJob:
+        async def call() -> bpb.BatchJob:
+            return codec.batch_status_to_pb(await self._batches.get(request.id))
+        return await _run(context, call)
+
+    async def CancelBatch(self, request: bpb.CancelBatchRequest,
+                          context: grpc.aio.ServicerContext) -> bpb.BatchJob:
+        async def call() -> bpb.BatchJob:
+            return codec.batch_status_to_pb(await self._batches.cancel(request.id))
+        return await _run(context, call)
+
+    async def ListBatches(self, request: bpb.ListBatchesRequest,
+                          context: grpc.aio.ServicerContext) -> bpb.ListBatchesResponse:
+        async def call() -> bpb.ListBatchesResponse:
+            jobs = await self._batches.list()
+            return bpb.ListBatchesResponse(jobs=[codec.batch_status_to_pb(j) for j in jobs])
+        return await _run(context, call)
+
+
 class TokenAuth(grpc.aio.ServerInterceptor):
     """Require ``authorization: Bearer <token>`` (constant-time compare); health is exempt
     so that Kubernetes probes need no secret."""
@@ -198,12 +248,14 @@ class TokenAuth(grpc.aio.ServerInterceptor):
 class Gateway:
     """A running gateway: start, serve, and stop gracefully."""
 
-    def __init__(self, backend: Backend, config: GatewayConfig | None = None) -> None:
+    def __init__(self, backend: Backend, config: GatewayConfig | None = None,
+                 batches: BatchBackend | None = None) -> None:
         self.backend = backend
         self.config = config or GatewayConfig()
+        self.batches = batches  # None: BatchService is not offered (UNIMPLEMENTED)
         self.port: int | None = None
         self.health = health.aio.HealthServicer()
-        self.metrics = GatewayMetrics([SERVICE])
+        self.metrics = GatewayMetrics([SERVICE, BATCH_SERVICE])
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._health_task: asyncio.Task[None] | None = None
@@ -222,9 +274,12 @@ class Gateway:
         ])
         pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self.backend, c), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), server)
+        services = [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                    reflection.SERVICE_NAME]
+        if self.batches is not None:
+            bpb_grpc.add_BatchServiceServicer_to_server(BatchServicer(self.batches), server)
+            services.append(BATCH_SERVICE)
+        reflection.enable_server_reflection(services, server)
         address = f"{c.host}:{c.port}"
         if c.tls_cert and c.tls_key:
             ca = c.tls_client_ca.read_bytes() if c.tls_client_ca else None

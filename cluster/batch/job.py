@@ -1,0 +1,262 @@
+"""The batch-generation job: plan, validate, generate shards on a Ray Data actor pool (or
+in this process), then write the manifest last.
+
+Exactly-once: a shard is complete when its file (``writer.shard_path``) exists, and files
+only appear by rename. A re-run of the same job skips complete shards; a directory that
+holds a different job is refused before any work. The manifest (model, version, seed,
+options, counts, label histogram, per-shard checksums read back from disk) is written
+last, so its presence means the dataset is complete.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from cluster.batch.spec import BatchSpec, Shard, output_dir
+from cluster.batch.writer import ShardWriter, atomic_write, shard_path
+from services.core.errors import Cancelled, InvalidArgument
+from services.core.store import ModelStore, load_model, parse_ref
+
+log = logging.getLogger("genfleet.batch")
+JOB_FILE = "job.json"
+MANIFEST = "manifest.json"
+Progress = Callable[[int, int], None]  # (samples written so far, total)
+
+
+def plan(spec: BatchSpec, store: ModelStore) -> tuple[BatchSpec, list[Shard]]:
+    """Validate ``spec`` against the model and the output directory (nothing is written);
+    pin the version and resolve the options. Returns the spec and the shards still to do.
+
+    Raises:
+        InvalidArgument: a bad field, a format the model cannot produce, an output
+            directory that holds something else.
+        ModelNotFound: unknown model or version.
+    """
+    spec.validate()
+    name, version = parse_ref(spec.model)
+    _, resolved = store.resolve(spec.model)
+    model, meta = load_model(store, f"{name}@{version or resolved}")
+    spec.model, spec.version = name, meta.version
+    text = str(model.data_dtype) == "torch.int64"
+    if spec.format == "png" and text:
+        raise InvalidArgument("format", f"{name} generates text: use parquet or npz, not png")
+    spec.classes = [str(c) for c in meta.data.get("classes", [])]
+    cycle = spec.label_list(len(spec.classes) or None)
+    if spec.labels.strip() and cycle is None:
+        raise InvalidArgument("labels", f"{name} has no classes to balance over")
+    import torch
+
+    first = None if cycle is None else torch.tensor(cycle[:1])
+    _, spec.options = model.check_sample_request(1, first, spec.options)
+    out = output_dir(spec.out)
+    _check_directory(out, spec)
+    return spec, [s for s in spec.shards() if not shard_path(out, spec, s).exists()]
+
+
+def _check_directory(out: Path, spec: BatchSpec) -> None:
+    if out.exists() and not out.is_dir():
+        raise InvalidArgument("out", f"{out} is a file, not a directory")
+    if not out.exists() or not any(out.iterdir()):
+        return
+    for name in (MANIFEST, JOB_FILE):
+        path = out / name
+        if path.exists():
+            other = json.loads(path.read_text()).get("key")
+            if other != spec.key():
+                raise InvalidArgument("out", f"{out} holds a different batch job ({_describe(other)}); "
+                                             f"you asked for {_describe(spec.key())}: "
+                                             "choose another directory")
+            return
+    raise InvalidArgument("out", f"{out} is not empty and holds no genfleet batch job")
+
+
+def _describe(key: dict[str, Any] | None) -> str:
+    if not key:
+        return "unreadable job file"
+    return (f"{key['model']}@{key['version']}, n={key['num_samples']}, {key['format']}, "
+            f"seed {key['seed']}, shards of {key['shard_size']}")
+
+
+def read_manifest(out: str | Path) -> dict[str, Any] | None:
+    path = output_dir(str(out)) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+# ---------------------------------------------------------------- execution
+class _RayShardWriter:
+    """The Ray Data actor: holds the model, writes one shard per row it is given."""
+
+    def __init__(self, store_root: str, spec: dict[str, Any], device: str, threads: int) -> None:
+        from services.core import metrics as specs
+        from services.serving.metrics import make
+
+        self.writer = ShardWriter(store_root, spec, device=device, threads=threads)
+        self.tags = {"model": self.writer.spec.model}
+        self.samples = make(specs.BATCH_SAMPLES)
+        self.shards = make(specs.BATCH_SHARDS)
+        self.errors = make(specs.BATCH_ERRORS)
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
+        spec = self.writer.spec
+        out: dict[str, list[Any]] = {"shard": [], "count": [], "seconds": []}
+        for k in batch["shard"]:
+            start = int(k) * spec.shard_size
+            shard = Shard(int(k), start, min(spec.shard_size, spec.num_samples - start))
+            try:
+                record = self.writer.write(shard)
+            except Exception:
+                self.errors.inc(1, tags=self.tags)
+                raise
+            self.samples.inc(record["count"], tags=self.tags)
+            self.shards.inc(1, tags=self.tags)
+            for key in out:
+                out[key].append(record[key])
+        return out
+
+
+def _run_ray(spec: BatchSpec, store_root: str, todo: list[Shard], on_shard: Callable[[int], bool],
+             device: str) -> bool:
+    """Shards on a Ray Data actor pool; False when ``on_shard`` asked to stop."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False  # ours follows the samples
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    cores = os.cpu_count() or 1
+    threads = max(1, cores // spec.workers)
+    items = ray.data.from_items([{"shard": s.index} for s in todo], override_num_blocks=len(todo))
+    ds = items.map_batches(
+        _RayShardWriter, batch_size=1, compute=ray.data.ActorPoolStrategy(size=spec.workers),
+        num_cpus=1,
+        num_gpus=spec.gpus_per_worker or None,
+        fn_constructor_kwargs={"store_root": store_root, "spec": spec.to_dict(),
+                               "device": device, "threads": threads})
+    iterator = ds.iter_rows()
+    try:
+        for row in iterator:
+            if not on_shard(int(row["count"])):
+                return False
+    finally:
+        close = getattr(iterator, "close", None)
+        if close is not None:
+            close()
+    return True
+
+
+def _run_local(spec: BatchSpec, store_root: str, todo: list[Shard], on_shard: Callable[[int], bool],
+               device: str) -> bool:
+    writer = ShardWriter(store_root, spec.to_dict(), device=device)
+    return all(on_shard(writer.write(shard)["count"]) for shard in todo)
+
+
+def run(spec: BatchSpec, store: ModelStore, *, local: bool = False, device: str = "cpu",
+        progress: bool = True, on_progress: Progress | None = None,
+        cancel: threading.Event | None = None) -> dict[str, Any]:
+    """Run (or resume, or find complete) the job; returns its manifest.
+
+    Raises:
+        InvalidArgument, ModelNotFound: from ``plan``, before anything is written.
+        Cancelled: ``cancel`` was set; complete shards stay, the manifest is not written.
+    """
+    spec, todo = plan(spec, store)
+    out = output_dir(spec.out)
+    done = read_manifest(out)
+    if done is not None:
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / JOB_FILE, json.dumps({"key": spec.key(), "spec": spec.to_dict()},
+                                            indent=2).encode())
+    _remove_temporaries(out)
+    total = spec.num_samples
+    written = total - sum(s.count for s in todo)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total, initial=written, unit="sample", desc=f"batch {spec.model}",
+                   dynamic_ncols=True)
+    started = time.perf_counter()
+    new = 0
+
+    def on_shard(count: int) -> bool:
+        nonlocal written, new
+        written += count
+        new += count
+        if bar is not None:
+            bar.update(count)
+        if on_progress is not None:
+            on_progress(written, total)
+        return not (cancel is not None and cancel.is_set())
+
+    runner = _run_local if local else _run_ray
+    try:
+        finished = runner(spec, str(store.root), todo, on_shard, device) if todo else True
+    finally:
+        if bar is not None:
+            bar.close()
+    if not finished:
+        _remove_temporaries(out)
+        raise Cancelled(f"batch job {spec.job_id()} cancelled after {written} of {total} samples; "
+                        "re-run it to finish")
+    seconds = time.perf_counter() - started
+    manifest = _manifest(spec, out, new, seconds)
+    if progress:
+        rate = new / seconds if seconds > 0 else 0.0
+        print(f"wrote {new} samples ({total - new} already there) in {seconds:.1f} s: "
+              f"{rate:.0f} samples/s, {len(spec.shards())} shards -> {out}", flush=True)
+    return manifest
+
+
+def _remove_temporaries(out: Path) -> None:
+    for path in out.rglob(".*.tmp-*"):
+        path.unlink(missing_ok=True)
+
+
+def _shard_digest(out: Path, spec: BatchSpec, shard: Shard) -> str:
+    path = shard_path(out, spec, shard)
+    data = path.read_bytes()
+    if spec.format != "png":
+        return hashlib.sha256(data).hexdigest()
+    digest = hashlib.sha256()
+    for row in csv.DictReader(io.StringIO(data.decode())):
+        digest.update((out / row["path"]).read_bytes())
+    digest.update(data)
+    return digest.hexdigest()
+
+
+def _manifest(spec: BatchSpec, out: Path, new: int, seconds: float) -> dict[str, Any]:
+    shards = spec.shards()
+    records = []
+    for shard in shards:
+        digest = _shard_digest(out, spec, shard)
+        records.append({"name": shard.name, "file": str(shard_path(out, spec, shard).relative_to(out)),
+                        "start": shard.start, "count": shard.count, "sha256": digest})
+    if spec.format == "png":
+        rows = ["index,seed,label,path\n"]
+        for shard in shards:
+            rows += shard_path(out, spec, shard).read_text().splitlines(keepends=True)[1:]
+        atomic_write(out / "index.csv", "".join(rows).encode())
+    manifest = {
+        "key": spec.key(), "job_id": spec.job_id(), "model": spec.model,
+        "version": spec.version, "seed": spec.seed, "options": spec.options,
+        "format": spec.format, "num_samples": spec.num_samples, "shard_size": spec.shard_size,
+        "num_shards": len(shards), "labels": spec.labels.strip() or None,
+        "classes": spec.classes,
+        "label_histogram": {str(k): v for k, v in spec.label_histogram().items()},
+        "shards": records, "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "last_run": {"samples_written": new, "seconds": round(seconds, 3)},
+    }
+    atomic_write(out / MANIFEST, json.dumps(manifest, indent=2).encode())
+    return manifest

@@ -1,0 +1,169 @@
+"""Generate one shard and write it atomically (no Ray: the Ray Data actors and the local
+runner both use this).
+
+Formats (``out`` is the job's directory):
+- parquet: ``data/shard-NNNNN.parquet``, one row per sample: ``index``, ``seed``,
+  ``label`` (null without labels), ``sample`` (the tensor flattened: float32 in [0, 1] for
+  images, int64 token ids for text), and ``png`` (images) or ``text`` (text models).
+- npz: ``data/shard-NNNNN.npz`` with ``samples`` (n, *shape), ``labels`` (-1: none),
+  ``seeds``, ``index``.
+- png: ``<class>/<index>.png`` (``unlabelled/`` without labels) and the shard's index file
+  ``index/shard-NNNNN.csv``, written last: it is the shard's commit marker.
+
+Every file goes to a temporary name in the same directory and is renamed when complete,
+so a reader (or a re-run) never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import time
+import uuid
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cluster.batch.spec import BatchSpec, Shard, output_dir
+from services.core.data import decode_text, to_png
+from services.core.store import ModelStore, load_model
+from services.models import sample_seeds
+
+UNLABELLED = "unlabelled"
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file in the same directory + rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def shard_path(out: Path, spec: BatchSpec, shard: Shard) -> Path:
+    """The file whose presence means ``shard`` is complete."""
+    if spec.format == "png":
+        return out / "index" / f"{shard.name}.csv"
+    return out / "data" / f"{shard.name}.{spec.format}"
+
+
+class ShardWriter:
+    """Holds one model; ``write(shard)`` generates the shard's samples and writes them."""
+
+    def __init__(self, store_root: str, spec: dict[str, Any], device: str = "cpu",
+                 threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.spec = BatchSpec(**spec)
+        self.out = output_dir(self.spec.out)
+        self.model, self.meta = load_model(ModelStore(store_root),
+                                           f"{self.spec.model}@{self.spec.version}", device)
+        self.classes: list[str] = [str(c) for c in self.meta.data.get("classes", [])]
+        self.text = self.model.data_dtype == torch.int64
+        self.cycle = self.spec.label_list(len(self.classes) or None)
+
+    def labels(self, shard: Shard) -> list[int] | None:
+        if self.cycle is None:
+            return None
+        return [self.cycle[i % len(self.cycle)] for i in range(shard.start, shard.start + shard.count)]
+
+    @torch.no_grad()
+    def generate(self, shard: Shard) -> tuple[np.ndarray, list[int], list[int] | None]:
+        """(samples (n, *shape), per-sample seeds, labels) of ``shard``."""
+        seeds = sample_seeds(self.spec.seed, shard.count, shard.start)
+        labels = self.labels(shard)
+        parts = []
+        for lo in range(0, shard.count, self.spec.chunk):
+            hi = min(lo + self.spec.chunk, shard.count)
+            y = None if labels is None else torch.tensor(labels[lo:hi], dtype=torch.long,
+                                                          device=self.model_device)
+            parts.append(self.model.sample(seeds[lo:hi], labels=y, **self.spec.options).cpu())
+        x = torch.cat(parts)
+        arr = x.long().numpy() if self.text else x.float().numpy()
+        return arr, seeds, labels
+
+    @property
+    def model_device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def write(self, shard: Shard) -> dict[str, Any]:
+        """Generate and write ``shard`` (unless it is already complete); its record."""
+        started = time.perf_counter()
+        arr, seeds, labels = self.generate(shard)
+        index = list(range(shard.start, shard.start + shard.count))
+        writer = {"parquet": self._parquet, "npz": self._npz, "png": self._png}[self.spec.format]
+        digest = writer(shard, arr, seeds, labels, index)
+        hist = Counter(labels) if labels is not None else Counter({-1: shard.count})
+        return {"shard": shard.index, "start": shard.start, "count": shard.count,
+                "sha256": digest, "labels": {str(k): v for k, v in sorted(hist.items())},
+                "seconds": time.perf_counter() - started}
+
+    # ------------------------------------------------------------------ formats
+    def _pngs(self, arr: np.ndarray) -> list[bytes]:
+        levels = self.model.config.levels
+        ints = np.rint(arr * (levels - 1)).astype(np.int64)
+        return [to_png(img, levels) for img in ints]
+
+    def _parquet(self, shard: Shard, arr: np.ndarray, seeds: list[int],
+                 labels: list[int] | None, index: list[int]) -> str:
+        import json
+
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        flat = arr.reshape(len(arr), -1)
+        columns: dict[str, Any] = {
+            "index": pa.array(index, pa.int64()),
+            "seed": pa.array(seeds, pa.uint64()),
+            "label": pa.array(labels if labels is not None else [None] * len(arr), pa.int32()),
+            "sample": pa.FixedSizeListArray.from_arrays(
+                pa.array(flat.ravel(), pa.int64() if self.text else pa.float32()), flat.shape[1]),
+        }
+        if self.text:
+            columns["text"] = pa.array(decode_text(arr, self.meta.data.get("vocab", "")))
+        else:
+            columns["png"] = pa.array(self._pngs(arr), pa.binary())
+        meta = {"model": self.spec.model, "version": self.spec.version,
+                "shape": list(arr.shape[1:]), "classes": self.classes}
+        table = pa.table(columns).replace_schema_metadata({"genfleet": json.dumps(meta)})
+        buf = io.BytesIO()
+        pq.write_table(table, buf)
+        data = buf.getvalue()
+        atomic_write(shard_path(self.out, self.spec, shard), data)
+        return hashlib.sha256(data).hexdigest()
+
+    def _npz(self, shard: Shard, arr: np.ndarray, seeds: list[int],
+             labels: list[int] | None, index: list[int]) -> str:
+        buf = io.BytesIO()
+        np.savez(buf, samples=arr, seeds=np.asarray(seeds, np.uint64),
+                 labels=np.asarray(labels if labels is not None else [-1] * len(arr), np.int32),
+                 index=np.asarray(index, np.int64))
+        data = buf.getvalue()
+        atomic_write(shard_path(self.out, self.spec, shard), data)
+        return hashlib.sha256(data).hexdigest()
+
+    def _png(self, shard: Shard, arr: np.ndarray, seeds: list[int],
+             labels: list[int] | None, index: list[int]) -> str:
+        digest = hashlib.sha256()
+        rows = io.StringIO()
+        table = csv.writer(rows, lineterminator="\n")
+        table.writerow(["index", "seed", "label", "path"])
+        for i, png, seed, label in zip(index, self._pngs(arr), seeds,
+                                       labels or [-1] * len(arr), strict=True):
+            folder = self.classes[label] if label >= 0 and self.classes else UNLABELLED
+            rel = f"{folder}/{i:09d}.png"
+            atomic_write(self.out / rel, png)
+            digest.update(png)
+            table.writerow([i, seed, label, rel])
+        data = rows.getvalue().encode()
+        digest.update(data)
+        atomic_write(shard_path(self.out, self.spec, shard), data)  # the commit marker
+        return digest.hexdigest()
