@@ -14,7 +14,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from services.serving import app as serving
 
     spec = BatchSpec(model=args.model, num_samples=args.num_samples, out=args.out,
-                     format=args.format, shard_size=args.shard_size, seed=args.seed,
+                     format=args.format, encoding=args.encoding, shard_size=args.shard_size, seed=args.seed,
                      labels=args.labels, options=_parse_sets(args.set), workers=args.workers,
                      gpus_per_worker=args.gpus_per_worker, chunk=args.chunk)
     store = _store(args)
@@ -37,6 +37,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("-n", "--num-samples", type=int, required=True)
     p.add_argument("--out", required=True, help="output directory (or file:// URI)")
     p.add_argument("--format", default="parquet", help="parquet | png | npz")
+    p.add_argument("--encoding", default="tensor",
+                   help="parquet rows hold the tensor, png bytes (text: the string), or both")
     p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--labels", default="", help="balanced, or class ids to cycle (0,3,7); "

@@ -57,6 +57,7 @@ class BatchManager:
         """
         spec = BatchSpec(model=request.model, num_samples=request.num_samples,
                          out=str(self._output(request.output)), format=request.format,
+                         encoding=request.encoding,
                          shard_size=request.shard_size, seed=request.seed,
                          labels=request.labels, options=dict(request.options),
                          workers=request.workers, gpus_per_worker=request.gpus_per_worker)

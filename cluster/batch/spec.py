@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 from services.core.errors import InvalidArgument
 
 FORMATS = ("parquet", "png", "npz")
+ENCODINGS = ("tensor", "png", "both")  # what a Parquet row's sample is
 MAX_SAMPLES = 10**9
 
 
@@ -40,6 +41,7 @@ class BatchSpec:
     num_samples: int
     out: str  # a directory or file:// URI
     format: str = "parquet"
+    encoding: str = "tensor"  # parquet rows: the tensor, PNG bytes (text: the string), or both
     shard_size: int = 1000
     seed: int = 0
     labels: str = ""  # "": the model's choice (unconditional); "balanced"; "0,3,7"
@@ -54,6 +56,9 @@ class BatchSpec:
         """Errors a user can cause, before any work (the model is checked by the planner)."""
         if self.format not in FORMATS:
             raise InvalidArgument("format", f"must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        if self.encoding not in ENCODINGS:
+            raise InvalidArgument("encoding", f"must be one of {', '.join(ENCODINGS)}, "
+                                              f"got {self.encoding!r}")
         if not 1 <= self.num_samples <= MAX_SAMPLES:
             raise InvalidArgument("num_samples", f"must be in [1, {MAX_SAMPLES}], got {self.num_samples}")
         if not 1 <= self.shard_size <= 1_000_000:
@@ -104,6 +109,7 @@ class BatchSpec:
         """What makes two runs the same job (and so the same bytes): not workers or GPUs."""
         return {"model": self.model, "version": self.version, "num_samples": self.num_samples,
                 "format": self.format, "shard_size": self.shard_size, "seed": self.seed,
+                "encoding": self.encoding if self.format == "parquet" else None,
                 "labels": self.labels.strip(), "options": dict(sorted(self.options.items())),
                 "chunk": self.chunk}
 

@@ -3,8 +3,9 @@ runner both use this).
 
 Formats (``out`` is the job's directory):
 - parquet: ``data/shard-NNNNN.parquet``, one row per sample: ``index``, ``seed``,
-  ``label`` (null without labels), ``sample`` (the tensor flattened: float32 in [0, 1] for
-  images, int64 token ids for text), and ``png`` (images) or ``text`` (text models).
+  ``label`` (null without labels), and by ``encoding``: ``sample`` (the tensor flattened:
+  float32 in [0, 1] for images, int64 token ids for text; "tensor", the default) and/or
+  ``png`` bytes (images) or ``text`` (text models) ("png"; "both" has both).
 - npz: ``data/shard-NNNNN.npz`` with ``samples`` (n, *shape), ``labels`` (-1: none),
   ``seeds``, ``index``.
 - png: ``<class>/<index>.png`` (``unlabelled/`` without labels) and the shard's index file
@@ -124,13 +125,15 @@ class ShardWriter:
             "index": pa.array(index, pa.int64()),
             "seed": pa.array(seeds, pa.uint64()),
             "label": pa.array(labels if labels is not None else [None] * len(arr), pa.int32()),
-            "sample": pa.FixedSizeListArray.from_arrays(
-                pa.array(flat.ravel(), pa.int64() if self.text else pa.float32()), flat.shape[1]),
         }
-        if self.text:
-            columns["text"] = pa.array(decode_text(arr, self.meta.data.get("vocab", "")))
-        else:
-            columns["png"] = pa.array(self._pngs(arr), pa.binary())
+        if self.spec.encoding in ("tensor", "both"):
+            columns["sample"] = pa.FixedSizeListArray.from_arrays(
+                pa.array(flat.ravel(), pa.int64() if self.text else pa.float32()), flat.shape[1])
+        if self.spec.encoding in ("png", "both"):
+            if self.text:
+                columns["text"] = pa.array(decode_text(arr, self.meta.data.get("vocab", "")))
+            else:
+                columns["png"] = pa.array(self._pngs(arr), pa.binary())
         meta = {"model": self.spec.model, "version": self.spec.version,
                 "shape": list(arr.shape[1:]), "classes": self.classes}
         table = pa.table(columns).replace_schema_metadata({"genfleet": json.dumps(meta)})

@@ -145,6 +145,7 @@ class BatchRequest:
     num_samples: int
     output: str
     format: str = "parquet"
+    encoding: str = "tensor"
     shard_size: int = 1000
     seed: int = 0
     labels: str = ""

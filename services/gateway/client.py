@@ -160,6 +160,7 @@ class GenfleetClient:
 
     # -------------------------------------------------------------- batch jobs
     def submit_batch(self, model: str, n: int, output: str, *, format: str = "parquet",
+                     encoding: str = "tensor",
                      shard_size: int = 1000, seed: int = 0, labels: str = "",
                      options: Mapping[str, Any] | None = None, workers: int = 1,
                      gpus_per_worker: float = 0.0, timeout: float | None = None
@@ -167,7 +168,7 @@ class GenfleetClient:
         """Start a dataset job under the server's batch root (``output``: a directory name)."""
         req = bpb.SubmitBatchRequest(
             model=model, num_samples=n, output=output,
-            format=bpb.BatchFormat.Value(f"BATCH_FORMAT_{format.upper()}"),
+            format=bpb.BatchFormat.Value(f"BATCH_FORMAT_{format.upper()}"), encoding=encoding,
             shard_size=shard_size, seed=seed, labels=labels,
             options={k: codec.option_value(v) for k, v in (options or {}).items()},
             workers=workers, gpus_per_worker=gpus_per_worker)

@@ -189,7 +189,8 @@ def batch_request_from_pb(request: bpb.SubmitBatchRequest) -> api.BatchRequest:
         raise InvalidArgument("workers" if request.workers < 0 else "shard_size", "must be >= 0")
     return api.BatchRequest(
         model=request.model, num_samples=request.num_samples, output=request.output,
-        format=_BATCH_FORMATS[request.format], shard_size=request.shard_size or 1000,
+        format=_BATCH_FORMATS[request.format], encoding=request.encoding or "tensor",
+        shard_size=request.shard_size or 1000,
         seed=request.seed, labels=request.labels, options=options_from_pb(request.options),
         workers=request.workers or 1, gpus_per_worker=request.gpus_per_worker)
 

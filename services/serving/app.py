@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -136,9 +137,13 @@ def start_cluster(address: str | None = None, *, num_cpus: int | None = None,
     _write_service_discovery()
 
 
+_discovery_stop = threading.Event()
+
+
 def _write_service_discovery() -> None:
-    """Ray's Prometheus service-discovery writer (what the dashboard runs), in a daemon
-    thread of this process: the file lists every live node's metrics export address."""
+    """Ray's Prometheus service-discovery writer (what the dashboard runs) in a daemon
+    thread of this process, until ``stop_cluster``: the file lists every live node's
+    metrics export address."""
     from ray._private.metrics_agent import PrometheusServiceDiscoveryWriter
     from ray._private.worker import global_worker
 
@@ -147,9 +152,17 @@ def _write_service_discovery() -> None:
         return
     writer = PrometheusServiceDiscoveryWriter(node.gcs_address, node.get_temp_dir_path(),
                                               node.get_session_dir_path())
-    writer.daemon = True
     writer.write()  # the file exists when start_cluster returns
-    writer.start()
+    _discovery_stop.clear()
+
+    def refresh() -> None:
+        while not _discovery_stop.wait(writer.default_service_discovery_flush_period):
+            try:
+                writer.write()
+            except Exception as exc:  # a node went away mid-call: next round
+                log.debug("service discovery file not written: %s", exc)
+
+    threading.Thread(target=refresh, name="prometheus-discovery", daemon=True).start()
 
 
 def metrics_endpoints() -> dict[str, str]:
@@ -181,6 +194,7 @@ def connect(address: str | None = None) -> None:
 
 def stop_cluster(*, embedded: bool) -> None:
     """Shut Serve down (when this process started the cluster) and leave Ray."""
+    _discovery_stop.set()
     if embedded and ray.is_initialized():
         serve.shutdown()
     ray.shutdown()

@@ -75,8 +75,7 @@ def genfleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     log = (base / "up.log").open("w")
     proc = subprocess.Popen(
         [str(exe), "--store", str(base / "store"), "up", "--models", "gan", "vae",
-         "--num-cpus", "4", "--port", "0", "--metrics-port", "0", "--ray-metrics-port", "-1",
-         "--dashboard-port", str(_free_port())],
+         "--num-cpus", "4", "--port", "0", "--metrics-port", "0", "--ray-metrics-port", "-1"],
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     state_file = base / "run" / "up.json"
     try:

@@ -61,7 +61,7 @@ def _check_manifest(out: Path, manifest: dict[str, object]) -> None:
 
 
 def test_parquet_rows_match_the_manifest_and_the_model(store: ModelStore, tmp_path: Path) -> None:
-    manifest = _run(store, tmp_path / "pq")
+    manifest = _run(store, tmp_path / "pq", encoding="both")
     _check_manifest(tmp_path / "pq", manifest)
     assert manifest["num_shards"] == 3 and manifest["version"] == 1
     table = pq.read_table(tmp_path / "pq" / "data")
@@ -271,3 +271,14 @@ def test_without_a_batch_backend_the_service_is_unimplemented(store: ModelStore)
         assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
     finally:
         thread.stop()
+
+
+@pytest.mark.parametrize(("encoding", "columns"), [
+    ("tensor", {"index", "seed", "label", "sample"}),
+    ("png", {"index", "seed", "label", "png"}),
+    ("both", {"index", "seed", "label", "sample", "png"}),
+])
+def test_parquet_encoding_picks_the_sample_columns(store: ModelStore, tmp_path: Path,
+                                                   encoding: str, columns: set[str]) -> None:
+    _run(store, tmp_path / encoding, num_samples=5, encoding=encoding)
+    assert set(pq.read_table(tmp_path / encoding / "data").column_names) == columns

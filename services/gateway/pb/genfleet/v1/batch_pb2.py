@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from services.gateway.pb.genfleet.v1 import generation_pb2 as genfleet_dot_v1_dot_generation__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17genfleet/v1/batch.proto\x12\x0bgenfleet.v1\x1a\x1cgenfleet/v1/generation.proto\"\xd7\x02\n\x12SubmitBatchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x03\x12\x0e\n\x06output\x18\x03 \x01(\t\x12(\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x18.genfleet.v1.BatchFormat\x12\x12\n\nshard_size\x18\x05 \x01(\x03\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x0e\n\x06labels\x18\x07 \x01(\t\x12=\n\x07options\x18\x08 \x03(\x0b\x32,.genfleet.v1.SubmitBatchRequest.OptionsEntry\x12\x0f\n\x07workers\x18\t \x01(\x05\x12\x17\n\x0fgpus_per_worker\x18\n \x01(\x01\x1aH\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.genfleet.v1.OptionValue:\x02\x38\x01\"\xe8\x01\n\x08\x42\x61tchJob\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.genfleet.v1.BatchState\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x03\x12\x17\n\x0fsamples_written\x18\x06 \x01(\x03\x12\x12\n\noutput_uri\x18\x07 \x01(\t\x12\x14\n\x0cmanifest_uri\x18\x08 \x01(\t\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0f\n\x07\x63reated\x18\n \x01(\x01\x12\x10\n\x08\x66inished\x18\x0b \x01(\x01\"\x1d\n\x0fGetBatchRequest\x12\n\n\x02id\x18\x01 \x01(\t\" \n\x12\x43\x61ncelBatchRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x14\n\x12ListBatchesRequest\":\n\x13ListBatchesResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.genfleet.v1.BatchJob*q\n\x0b\x42\x61tchFormat\x12\x1c\n\x18\x42\x41TCH_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42\x41TCH_FORMAT_PARQUET\x10\x01\x12\x14\n\x10\x42\x41TCH_FORMAT_PNG\x10\x02\x12\x14\n\x10\x42\x41TCH_FORMAT_NPZ\x10\x03*\x90\x01\n\nBatchState\x12\x1b\n\x17\x42\x41TCH_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42\x41TCH_STATE_RUNNING\x10\x01\x12\x19\n\x15\x42\x41TCH_STATE_SUCCEEDED\x10\x02\x12\x16\n\x12\x42\x41TCH_STATE_FAILED\x10\x03\x12\x19\n\x15\x42\x41TCH_STATE_CANCELLED\x10\x04\x32\xaf\x02\n\x0c\x42\x61tchService\x12\x45\n\x0bSubmitBatch\x12\x1f.genfleet.v1.SubmitBatchRequest\x1a\x15.genfleet.v1.BatchJob\x12?\n\x08GetBatch\x12\x1c.genfleet.v1.GetBatchRequest\x1a\x15.genfleet.v1.BatchJob\x12\x45\n\x0b\x43\x61ncelBatch\x12\x1f.genfleet.v1.CancelBatchRequest\x1a\x15.genfleet.v1.BatchJob\x12P\n\x0bListBatches\x12\x1f.genfleet.v1.ListBatchesRequest\x1a .genfleet.v1.ListBatchesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17genfleet/v1/batch.proto\x12\x0bgenfleet.v1\x1a\x1cgenfleet/v1/generation.proto\"\xe9\x02\n\x12SubmitBatchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0bnum_samples\x18\x02 \x01(\x03\x12\x0e\n\x06output\x18\x03 \x01(\t\x12(\n\x06\x66ormat\x18\x04 \x01(\x0e\x32\x18.genfleet.v1.BatchFormat\x12\x12\n\nshard_size\x18\x05 \x01(\x03\x12\x0c\n\x04seed\x18\x06 \x01(\x04\x12\x0e\n\x06labels\x18\x07 \x01(\t\x12=\n\x07options\x18\x08 \x03(\x0b\x32,.genfleet.v1.SubmitBatchRequest.OptionsEntry\x12\x0f\n\x07workers\x18\t \x01(\x05\x12\x17\n\x0fgpus_per_worker\x18\n \x01(\x01\x12\x10\n\x08\x65ncoding\x18\x0b \x01(\t\x1aH\n\x0cOptionsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\'\n\x05value\x18\x02 \x01(\x0b\x32\x18.genfleet.v1.OptionValue:\x02\x38\x01\"\xe8\x01\n\x08\x42\x61tchJob\x12\n\n\x02id\x18\x01 \x01(\t\x12&\n\x05state\x18\x02 \x01(\x0e\x32\x17.genfleet.v1.BatchState\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x13\n\x0bnum_samples\x18\x05 \x01(\x03\x12\x17\n\x0fsamples_written\x18\x06 \x01(\x03\x12\x12\n\noutput_uri\x18\x07 \x01(\t\x12\x14\n\x0cmanifest_uri\x18\x08 \x01(\t\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x0f\n\x07\x63reated\x18\n \x01(\x01\x12\x10\n\x08\x66inished\x18\x0b \x01(\x01\"\x1d\n\x0fGetBatchRequest\x12\n\n\x02id\x18\x01 \x01(\t\" \n\x12\x43\x61ncelBatchRequest\x12\n\n\x02id\x18\x01 \x01(\t\"\x14\n\x12ListBatchesRequest\":\n\x13ListBatchesResponse\x12#\n\x04jobs\x18\x01 \x03(\x0b\x32\x15.genfleet.v1.BatchJob*q\n\x0b\x42\x61tchFormat\x12\x1c\n\x18\x42\x41TCH_FORMAT_UNSPECIFIED\x10\x00\x12\x18\n\x14\x42\x41TCH_FORMAT_PARQUET\x10\x01\x12\x14\n\x10\x42\x41TCH_FORMAT_PNG\x10\x02\x12\x14\n\x10\x42\x41TCH_FORMAT_NPZ\x10\x03*\x90\x01\n\nBatchState\x12\x1b\n\x17\x42\x41TCH_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x42\x41TCH_STATE_RUNNING\x10\x01\x12\x19\n\x15\x42\x41TCH_STATE_SUCCEEDED\x10\x02\x12\x16\n\x12\x42\x41TCH_STATE_FAILED\x10\x03\x12\x19\n\x15\x42\x41TCH_STATE_CANCELLED\x10\x04\x32\xaf\x02\n\x0c\x42\x61tchService\x12\x45\n\x0bSubmitBatch\x12\x1f.genfleet.v1.SubmitBatchRequest\x1a\x15.genfleet.v1.BatchJob\x12?\n\x08GetBatch\x12\x1c.genfleet.v1.GetBatchRequest\x1a\x15.genfleet.v1.BatchJob\x12\x45\n\x0b\x43\x61ncelBatch\x12\x1f.genfleet.v1.CancelBatchRequest\x1a\x15.genfleet.v1.BatchJob\x12P\n\x0bListBatches\x12\x1f.genfleet.v1.ListBatchesRequest\x1a .genfleet.v1.ListBatchesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,24 +34,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SUBMITBATCHREQUEST_OPTIONSENTRY']._loaded_options = None
   _globals['_SUBMITBATCHREQUEST_OPTIONSENTRY']._serialized_options = b'8\001'
-  _globals['_BATCHFORMAT']._serialized_start=798
-  _globals['_BATCHFORMAT']._serialized_end=911
-  _globals['_BATCHSTATE']._serialized_start=914
-  _globals['_BATCHSTATE']._serialized_end=1058
+  _globals['_BATCHFORMAT']._serialized_start=816
+  _globals['_BATCHFORMAT']._serialized_end=929
+  _globals['_BATCHSTATE']._serialized_start=932
+  _globals['_BATCHSTATE']._serialized_end=1076
   _globals['_SUBMITBATCHREQUEST']._serialized_start=71
-  _globals['_SUBMITBATCHREQUEST']._serialized_end=414
-  _globals['_SUBMITBATCHREQUEST_OPTIONSENTRY']._serialized_start=342
-  _globals['_SUBMITBATCHREQUEST_OPTIONSENTRY']._serialized_end=414
-  _globals['_BATCHJOB']._serialized_start=417
-  _globals['_BATCHJOB']._serialized_end=649
-  _globals['_GETBATCHREQUEST']._serialized_start=651
-  _globals['_GETBATCHREQUEST']._serialized_end=680
-  _globals['_CANCELBATCHREQUEST']._serialized_start=682
-  _globals['_CANCELBATCHREQUEST']._serialized_end=714
-  _globals['_LISTBATCHESREQUEST']._serialized_start=716
-  _globals['_LISTBATCHESREQUEST']._serialized_end=736
-  _globals['_LISTBATCHESRESPONSE']._serialized_start=738
-  _globals['_LISTBATCHESRESPONSE']._serialized_end=796
-  _globals['_BATCHSERVICE']._serialized_start=1061
-  _globals['_BATCHSERVICE']._serialized_end=1364
+  _globals['_SUBMITBATCHREQUEST']._serialized_end=432
+  _globals['_SUBMITBATCHREQUEST_OPTIONSENTRY']._serialized_start=360
+  _globals['_SUBMITBATCHREQUEST_OPTIONSENTRY']._serialized_end=432
+  _globals['_BATCHJOB']._serialized_start=435
+  _globals['_BATCHJOB']._serialized_end=667
+  _globals['_GETBATCHREQUEST']._serialized_start=669
+  _globals['_GETBATCHREQUEST']._serialized_end=698
+  _globals['_CANCELBATCHREQUEST']._serialized_start=700
+  _globals['_CANCELBATCHREQUEST']._serialized_end=732
+  _globals['_LISTBATCHESREQUEST']._serialized_start=734
+  _globals['_LISTBATCHESREQUEST']._serialized_end=754
+  _globals['_LISTBATCHESRESPONSE']._serialized_start=756
+  _globals['_LISTBATCHESRESPONSE']._serialized_end=814
+  _globals['_BATCHSERVICE']._serialized_start=1079
+  _globals['_BATCHSERVICE']._serialized_end=1382
 # @@protoc_insertion_point(module_scope)

@@ -33,7 +33,7 @@ BATCH_STATE_FAILED: BatchState
 BATCH_STATE_CANCELLED: BatchState
 
 class SubmitBatchRequest(_message.Message):
-    __slots__ = ("model", "num_samples", "output", "format", "shard_size", "seed", "labels", "options", "workers", "gpus_per_worker")
+    __slots__ = ("model", "num_samples", "output", "format", "shard_size", "seed", "labels", "options", "workers", "gpus_per_worker", "encoding")
     class OptionsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class SubmitBatchRequest(_message.Message):
     OPTIONS_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     GPUS_PER_WORKER_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
     model: str
     num_samples: int
     output: str
@@ -61,7 +62,8 @@ class SubmitBatchRequest(_message.Message):
     options: _containers.MessageMap[str, _generation_pb2.OptionValue]
     workers: int
     gpus_per_worker: float
-    def __init__(self, model: _Optional[str] = ..., num_samples: _Optional[int] = ..., output: _Optional[str] = ..., format: _Optional[_Union[BatchFormat, str]] = ..., shard_size: _Optional[int] = ..., seed: _Optional[int] = ..., labels: _Optional[str] = ..., options: _Optional[_Mapping[str, _generation_pb2.OptionValue]] = ..., workers: _Optional[int] = ..., gpus_per_worker: _Optional[float] = ...) -> None: ...
+    encoding: str
+    def __init__(self, model: _Optional[str] = ..., num_samples: _Optional[int] = ..., output: _Optional[str] = ..., format: _Optional[_Union[BatchFormat, str]] = ..., shard_size: _Optional[int] = ..., seed: _Optional[int] = ..., labels: _Optional[str] = ..., options: _Optional[_Mapping[str, _generation_pb2.OptionValue]] = ..., workers: _Optional[int] = ..., gpus_per_worker: _Optional[float] = ..., encoding: _Optional[str] = ...) -> None: ...
 
 class BatchJob(_message.Message):
     __slots__ = ("id", "state", "model", "version", "num_samples", "samples_written", "output_uri", "manifest_uri", "error", "created", "finished")
