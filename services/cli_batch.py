@@ -24,8 +24,7 @@ def cmd_batch(args: argparse.Namespace) -> int:
             serving.connect(args.address)
         else:
             serving.start_cluster(None, num_cpus=max(4, spec.workers + 2))
-    device = "cuda" if spec.gpus_per_worker > 0 else "cpu"
-    manifest = job.run(spec, store, local=args.local, device=device, progress=not args.quiet)
+    manifest = job.run(spec, store, local=args.local, progress=not args.quiet)
     print(json.dumps({k: manifest[k] for k in ("job_id", "model", "version", "num_samples",
                                                "num_shards", "label_histogram")}))
     return 0

@@ -109,7 +109,7 @@ class _RayShardWriter:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
         spec = self.writer.spec
-        out: dict[str, list[Any]] = {"shard": [], "count": [], "seconds": []}
+        out: dict[str, list[Any]] = {"shard": [], "count": []}
         for k in batch["shard"]:
             start = int(k) * spec.shard_size
             shard = Shard(int(k), start, min(spec.shard_size, spec.num_samples - start))
@@ -127,7 +127,9 @@ class _RayShardWriter:
 
 def _run_ray(spec: BatchSpec, store_root: str, todo: list[Shard], on_shard: Callable[[int], bool],
              device: str) -> bool:
-    """Shards on a Ray Data actor pool; False when ``on_shard`` asked to stop."""
+    """Shards on a Ray Data actor pool (on GPUs when the spec asks for them); False when
+    ``on_shard`` asked to stop."""
+    device = "cuda" if spec.gpus_per_worker > 0 else "cpu"
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -164,7 +166,8 @@ def _run_local(spec: BatchSpec, store_root: str, todo: list[Shard], on_shard: Ca
 def run(spec: BatchSpec, store: ModelStore, *, local: bool = False, device: str = "cpu",
         progress: bool = True, on_progress: Progress | None = None,
         cancel: threading.Event | None = None) -> dict[str, Any]:
-    """Run (or resume, or find complete) the job; returns its manifest.
+    """Run (or resume, or find complete) the job; returns its manifest. ``device`` is for
+    the local runner; Ray workers use CUDA when ``spec.gpus_per_worker`` > 0.
 
     Raises:
         InvalidArgument, ModelNotFound: from ``plan``, before anything is written.

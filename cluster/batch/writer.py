@@ -21,9 +21,7 @@ import csv
 import hashlib
 import io
 import os
-import time
 import uuid
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -96,16 +94,13 @@ class ShardWriter:
         return next(self.model.parameters()).device
 
     def write(self, shard: Shard) -> dict[str, Any]:
-        """Generate and write ``shard`` (unless it is already complete); its record."""
-        started = time.perf_counter()
+        """Generate ``shard`` and write it (replacing any earlier copy, byte for byte the
+        same); returns its index, sample count and checksum."""
         arr, seeds, labels = self.generate(shard)
         index = list(range(shard.start, shard.start + shard.count))
         writer = {"parquet": self._parquet, "npz": self._npz, "png": self._png}[self.spec.format]
         digest = writer(shard, arr, seeds, labels, index)
-        hist = Counter(labels) if labels is not None else Counter({-1: shard.count})
-        return {"shard": shard.index, "start": shard.start, "count": shard.count,
-                "sha256": digest, "labels": {str(k): v for k, v in sorted(hist.items())},
-                "seconds": time.perf_counter() - started}
+        return {"shard": shard.index, "count": shard.count, "sha256": digest}
 
     # ------------------------------------------------------------------ formats
     def _pngs(self, arr: np.ndarray) -> list[bytes]:

@@ -24,7 +24,7 @@ from services.gateway.client import GenfleetClient
 from services.gateway.pb.genfleet.v1 import batch_pb2 as bpb
 from services.gateway.server import GatewayConfig
 from services.serving.backends import LocalBackend
-from tests.helpers import GatewayThread, tiny_store
+from tests.helpers import GatewayThread, scrape_ray_metrics, tiny_store
 
 pytestmark = pytest.mark.integration
 
@@ -45,14 +45,29 @@ def _spec(out: Path, **kw: object) -> BatchSpec:
                         "seed": 11, "labels": "balanced", **kw})  # type: ignore[arg-type]
 
 
+def _written(text: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for f in text_string_to_metric_families(text)
+               if f.name == "ray_genfleet_batch_written_samples" for s in f.samples
+               if s.labels.get("model") == "gan" and s.name.endswith("_total"))
+
+
 def test_one_and_two_workers_write_identical_datasets(ray_cluster: None, store: ModelStore,
                                                       tmp_path: Path) -> None:
+    before = _written(scrape_ray_metrics())
     local = job.run(_spec(tmp_path / "local"), store, local=True, progress=False)
     one = job.run(_spec(tmp_path / "one", workers=1), store, progress=False)
     two = job.run(_spec(tmp_path / "two", workers=2), store, progress=False)
     assert _files(tmp_path / "one") == _files(tmp_path / "two") == _files(tmp_path / "local")
     assert one["shards"] == two["shards"] == local["shards"]
     assert one["num_shards"] == 5 and not list((tmp_path / "two").rglob(".*.tmp-*"))
+    # the actors' batch metrics reach Ray's metrics port: both Ray runs, every sample
+    deadline = time.monotonic() + 30
+    while (written := _written(scrape_ray_metrics())) < before + 240:
+        assert time.monotonic() < deadline, f"{written - before} of 240 samples exported"
+        time.sleep(1)
+    assert written == before + 240
 
 
 def test_cancel_stops_the_job_and_leaves_only_complete_shards(ray_cluster: None,
