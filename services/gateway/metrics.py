@@ -101,46 +101,43 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
             return handler._replace(unary_stream=self._stream(method, handler.unary_stream))
         return handler
 
+    def _observe(self, method: str, request: Any, context: grpc.aio.ServicerContext
+                 ) -> _Observation:
+        return _Observation(self._m, method, self._m.model_label(request), context)
+
     def _unary(self, method: str, behavior: Callable[..., Awaitable[Any]]
                ) -> Callable[..., Awaitable[Any]]:
-        m = self._m
-
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            model = m.model_label(request)
-            started = time.perf_counter()
-            m.in_flight.labels(method, model).inc()
-            failure: BaseException | None = None
-            try:
+            with self._observe(method, request, context):
                 return await behavior(request, context)
-            except BaseException as exc:
-                failure = exc
-                raise
-            finally:
-                m.in_flight.labels(method, model).dec()
-                m.latency.labels(method, model).observe(time.perf_counter() - started)
-                m.requests.labels(method, model, _code(context, failure)).inc()
 
         return wrapped
 
     def _stream(self, method: str, behavior: Callable[..., AsyncIterator[Any]]
                 ) -> Callable[..., AsyncIterator[Any]]:
-        m = self._m
-
         async def wrapped(request: Any, context: grpc.aio.ServicerContext
                           ) -> AsyncIterator[Any]:
-            model = m.model_label(request)
-            started = time.perf_counter()
-            m.in_flight.labels(method, model).inc()
-            failure: BaseException | None = None
-            try:
+            with self._observe(method, request, context):
                 async for message in behavior(request, context):
                     yield message
-            except BaseException as exc:
-                failure = exc
-                raise
-            finally:
-                m.in_flight.labels(method, model).dec()
-                m.latency.labels(method, model).observe(time.perf_counter() - started)
-                m.requests.labels(method, model, _code(context, failure)).inc()
 
         return wrapped
+
+
+class _Observation:
+    """One RPC: in flight while inside; on exit its latency and its status code."""
+
+    def __init__(self, m: GatewayMetrics, method: str, model: str,
+                 context: grpc.aio.ServicerContext) -> None:
+        self._m, self._labels, self._context = m, (method, model), context
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+        self._m.in_flight.labels(*self._labels).inc()
+
+    def __exit__(self, kind: type[BaseException] | None, failure: BaseException | None,
+                 tb: Any) -> None:
+        self._m.in_flight.labels(*self._labels).dec()
+        self._m.latency.labels(*self._labels).observe(time.perf_counter() - self._started)
+        self._m.requests.labels(*self._labels, _code(self._context, failure)).inc()

@@ -99,23 +99,19 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         self._backend = backend
         self._config = config
 
-    async def _run(self, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]
-                   ) -> T:
-        return await _run(context, call)
-
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
         async def call() -> pb.ListModelsResponse:
             infos = await self._backend.list_models()
             return pb.ListModelsResponse(models=[codec.model_info_to_pb(i) for i in infos])
-        return await self._run(context, call)
+        return await _run(context, call)
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         async def call() -> pb.GenerateResponse:
             req = codec.generate_request_from_pb(request, _deadline(context))
             return codec.generate_response_to_pb(await self._backend.generate(req))
-        return await self._run(context, call)
+        return await _run(context, call)
 
     async def GenerateStream(self, request: pb.GenerateRequest,
                              context: grpc.aio.ServicerContext
@@ -160,21 +156,21 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         async def call() -> pb.ScoreResponse:
             req = codec.score_request_from_pb(request, _deadline(context))
             return codec.score_response_to_pb(await self._backend.score(req))
-        return await self._run(context, call)
+        return await _run(context, call)
 
     async def Encode(self, request: pb.EncodeRequest,
                      context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
         async def call() -> pb.EncodeResponse:
             req = codec.encode_request_from_pb(request, _deadline(context))
             return codec.encode_response_to_pb(await self._backend.encode(req))
-        return await self._run(context, call)
+        return await _run(context, call)
 
     async def Decode(self, request: pb.DecodeRequest,
                      context: grpc.aio.ServicerContext) -> pb.DecodeResponse:
         async def call() -> pb.DecodeResponse:
             req = codec.decode_request_from_pb(request, _deadline(context))
             return codec.decode_response_to_pb(await self._backend.decode(req))
-        return await self._run(context, call)
+        return await _run(context, call)
 
 
 class BatchServicer(bpb_grpc.BatchServiceServicer):
