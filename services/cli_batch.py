@@ -14,17 +14,17 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from services.serving import app as serving
 
     spec = BatchSpec(model=args.model, num_samples=args.num_samples, out=args.out,
-                     format=args.format, encoding=args.encoding, shard_size=args.shard_size, seed=args.seed,
-                     labels=args.labels, options=_parse_sets(args.set), workers=args.workers,
-                     gpus_per_worker=args.gpus_per_worker, chunk=args.chunk)
+                     format=args.format, encoding=args.encoding, shard_size=args.shard_size,
+                     seed=args.seed, labels=args.labels, options=_parse_sets(args.set),
+                     workers=args.workers, gpus_per_worker=args.gpus_per_worker, chunk=args.chunk)
     store = _store(args)
-    job.plan(spec, store)  # every user error before a cluster starts or a file is written
+    spec, todo = job.plan(spec, store)  # user errors before a cluster starts or a file is written
     if not args.local:
         if args.address:
             serving.connect(args.address)
         else:
             serving.start_cluster(None, num_cpus=max(4, spec.workers + 2))
-    manifest = job.run(spec, store, local=args.local, progress=not args.quiet)
+    manifest = job.run(spec, store, local=args.local, progress=not args.quiet, todo=todo)
     print(json.dumps({k: manifest[k] for k in ("job_id", "model", "version", "num_samples",
                                                "num_shards", "label_histogram")}))
     return 0

@@ -108,11 +108,9 @@ class _RayShardWriter:
         self.errors = make(specs.BATCH_ERRORS)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        spec = self.writer.spec
         out: dict[str, list[Any]] = {"shard": [], "count": []}
-        for k in batch["shard"]:
-            start = int(k) * spec.shard_size
-            shard = Shard(int(k), start, min(spec.shard_size, spec.num_samples - start))
+        for k, start, count in zip(batch["shard"], batch["start"], batch["count"], strict=True):
+            shard = Shard(int(k), int(start), int(count))
             try:
                 record = self.writer.write(shard)
             except Exception:
@@ -129,7 +127,6 @@ def _run_ray(spec: BatchSpec, store_root: str, todo: list[Shard], on_shard: Call
              device: str) -> bool:
     """Shards on a Ray Data actor pool (on GPUs when the spec asks for them); False when
     ``on_shard`` asked to stop."""
-    device = "cuda" if spec.gpus_per_worker > 0 else "cpu"
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -138,7 +135,8 @@ def _run_ray(spec: BatchSpec, store_root: str, todo: list[Shard], on_shard: Call
     logging.getLogger("ray.data").setLevel(logging.ERROR)
     cores = os.cpu_count() or 1
     threads = max(1, cores // spec.workers)
-    items = ray.data.from_items([{"shard": s.index} for s in todo], override_num_blocks=len(todo))
+    items = ray.data.from_items([{"shard": s.index, "start": s.start, "count": s.count}
+                                 for s in todo], override_num_blocks=len(todo))
     ds = items.map_batches(
         _RayShardWriter, batch_size=1, compute=ray.data.ActorPoolStrategy(size=spec.workers),
         num_cpus=1,
@@ -165,15 +163,18 @@ def _run_local(spec: BatchSpec, store_root: str, todo: list[Shard], on_shard: Ca
 
 def run(spec: BatchSpec, store: ModelStore, *, local: bool = False, device: str = "cpu",
         progress: bool = True, on_progress: Progress | None = None,
-        cancel: threading.Event | None = None) -> dict[str, Any]:
+        cancel: threading.Event | None = None, todo: list[Shard] | None = None
+        ) -> dict[str, Any]:
     """Run (or resume, or find complete) the job; returns its manifest. ``device`` is for
-    the local runner; Ray workers use CUDA when ``spec.gpus_per_worker`` > 0.
+    the local runner; Ray workers use CUDA when ``spec.gpus_per_worker`` > 0. ``todo``:
+    what ``plan(spec)`` returned, when the caller planned already (nothing is planned twice).
 
     Raises:
         InvalidArgument, ModelNotFound: from ``plan``, before anything is written.
         Cancelled: ``cancel`` was set; complete shards stay, the manifest is not written.
     """
-    spec, todo = plan(spec, store)
+    if todo is None:
+        spec, todo = plan(spec, store)
     out = output_dir(spec.out)
     done = read_manifest(out)
     if done is not None:
@@ -204,6 +205,8 @@ def run(spec: BatchSpec, store: ModelStore, *, local: bool = False, device: str 
         return not (cancel is not None and cancel.is_set())
 
     runner = _run_local if local else _run_ray
+    if not local:
+        device = "cuda" if spec.gpus_per_worker > 0 else "cpu"
     try:
         finished = runner(spec, str(store.root), todo, on_shard, device) if todo else True
     finally:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cluster.batch import job
-from cluster.batch.spec import BatchSpec
+from cluster.batch.spec import BatchSpec, Shard
 from services.core import api
 from services.core.errors import Cancelled, GenfleetError, InvalidArgument, ModelNotFound
 from services.core.store import ModelStore, check_name
@@ -24,6 +24,7 @@ from services.core.store import ModelStore, check_name
 @dataclass
 class _Job:
     spec: BatchSpec
+    todo: list[Shard]
     status: api.BatchStatus
     cancel: threading.Event = field(default_factory=threading.Event)
     thread: threading.Thread | None = None
@@ -76,7 +77,7 @@ class BatchManager:
                 id=spec.job_id(), state="running", model=spec.model, version=spec.version or 0,
                 num_samples=spec.num_samples, samples_written=written,
                 output_uri=Path(spec.out).resolve().as_uri(), created=time.time())
-            entry = _Job(spec, status)
+            entry = _Job(spec, todo, status)
             self._jobs[status.id] = entry
         entry.thread = threading.Thread(target=self._run, args=(entry,), daemon=True,
                                         name=f"batch-{status.id}")
@@ -91,7 +92,7 @@ class BatchManager:
 
         try:
             job.run(entry.spec, self.store, local=self.local, device=self.device,
-                    progress=False, on_progress=progress, cancel=entry.cancel)
+                    progress=False, on_progress=progress, cancel=entry.cancel, todo=entry.todo)
             status.samples_written = status.num_samples
             status.manifest_uri = (Path(entry.spec.out).resolve() / job.MANIFEST).as_uri()
             status.state = "succeeded"
