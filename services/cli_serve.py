@@ -312,7 +312,7 @@ def add_parsers(sub: Any) -> None:
                    help="Ray's metrics export port on the embedded cluster (-1: any free port)")
     p.add_argument("--dashboard-port", type=int, default=-1,
                    help="also run the Ray dashboard on 127.0.0.1 at this port (e.g. 8265); "
-                        "off by default: it costs ~1 ms per request on 2 cores")
+                        "off by default: it takes CPU from the replicas on small machines")
     p.add_argument("--batch-root", default=None,
                    help="BatchService outputs go below this directory (default: beside the store)")
     p.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")

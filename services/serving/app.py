@@ -116,9 +116,9 @@ def start_cluster(address: str | None = None, *, num_cpus: int | None = None,
     """Join ``address``, or start an embedded local cluster with explicit logical CPUs.
 
     ``metrics_port``: Ray's metrics export port on this node (None: any free port).
-    ``dashboard_port``: also run the Ray dashboard on 127.0.0.1 there (it costs ~1 ms per
-    request on a 2-core machine). Either way Ray's Prometheus service-discovery file
-    (``/tmp/ray/prom_metrics_service_discovery.json``, read by
+    ``dashboard_port``: also run the Ray dashboard on 127.0.0.1 there (off by default: its
+    processes take CPU from the replicas on a small machine). Either way Ray's Prometheus
+    service-discovery file (``/tmp/ray/prom_metrics_service_discovery.json``, read by
     ``deploy/prometheus/prometheus.yml``) is kept current by Ray's writer in this process.
     """
     if ray.is_initialized():
@@ -167,7 +167,7 @@ def _write_service_discovery() -> None:
 
 def metrics_endpoints() -> dict[str, str]:
     """Where this cluster's metrics are: every live node's metrics export address, and
-    Ray's service-discovery file when the dashboard writes one."""
+    Ray's service-discovery file when this machine has one."""
     from ray._private import ray_constants
     from ray._private.worker import global_worker
 
