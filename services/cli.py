@@ -3,7 +3,8 @@
 Model zoo: ``train`` (a Ray Train job, or in-process with ``--local``), ``eval``, ``models``, ``zoo`` (train
 every family that has no checkpoint yet, evaluate all, write grids and a report).
 Serving (``services.cli_serve``): ``up``, ``down``, ``status``, ``scale``, ``deploy``,
-``generate``, ``score``, ``bench``.
+``generate``, ``score``, ``bench``. Batch datasets (``services.cli_batch``): ``batch``.
+Kubernetes (``services.cli_kube``): ``gateway``, ``k8s-serve-config``.
 """
 
 from __future__ import annotations
@@ -280,10 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_models)
 
     from services.cli_batch import add_parsers as add_batch
+    from services.cli_kube import add_parsers as add_kube
     from services.cli_serve import add_parsers
 
     add_parsers(sub)
     add_batch(sub)
+    add_kube(sub)
 
     p = sub.add_parser("zoo", help="train (if needed) and evaluate all six families")
     p.add_argument("--families", nargs="*", default=None)

@@ -32,6 +32,35 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 # ---------------------------------------------------------------------------- up
+def gateway_config(args: argparse.Namespace) -> Any:
+    """The gateway's settings from the flags ``gateway_args`` defines."""
+    from services.gateway.server import GatewayConfig
+
+    return GatewayConfig(
+        host=args.host, port=args.port, token=args.token or os.environ.get("GENFLEET_TOKEN"),
+        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
+        tls_key=Path(args.tls_key) if args.tls_key else None,
+        tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        health_port=None if args.health_port < 0 else args.health_port)
+
+
+def gateway_args(p: argparse.ArgumentParser) -> None:
+    """Flags of the gRPC gateway (``up`` and ``gateway``)."""
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--token", default=None, help="require this bearer token ($GENFLEET_TOKEN)")
+    p.add_argument("--tls-cert", default=None)
+    p.add_argument("--tls-key", default=None)
+    p.add_argument("--tls-client-ca", default=None, help="require client certificates (mTLS)")
+    p.add_argument("--metrics-port", type=int, default=8080,
+                   help="gateway Prometheus /metrics port (0: any free port, -1: none)")
+    p.add_argument("--health-port", type=int, default=-1,
+                   help="also serve grpc.health.v1 alone, in plaintext and without auth, on this "
+                        "port (for Kubernetes gRPC probes, which speak no TLS; -1: none)")
+    p.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")
+
+
 def _train_missing(store: Any, names: list[str], minutes: float, progress: bool) -> None:
     from services.models import FAMILIES
     from services.training.recipes import train_and_save
@@ -50,18 +79,15 @@ def _train_missing(store: Any, names: list[str], minutes: float, progress: bool)
 async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, started: float
                          ) -> None:
     from cluster.batch.manager import BatchManager
-    from services.gateway.server import Gateway, GatewayConfig
+    from services.gateway.server import Gateway
     from services.serving import app as serving
     from services.serving.backend import ServeBackend
 
     batch_root = Path(args.batch_root) if args.batch_root else store.root.parent / "batches"
     batches = BatchManager(store, batch_root)
-    gateway = Gateway(ServeBackend(config.app_name), batches=batches, config=GatewayConfig(
-        host=args.host, port=args.port, token=args.token or os.environ.get("GENFLEET_TOKEN"),
-        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
-        tls_key=Path(args.tls_key) if args.tls_key else None,
-        tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
-        metrics_port=None if args.metrics_port < 0 else args.metrics_port))
+    gateway = Gateway(ServeBackend(config.app_name), batches=batches,
+                      config=gateway_config(args))
+    stop = stop_on_signal()
     port = await gateway.start()
     target = f"{args.host}:{port}"
     metrics = ({"gateway": f"http://{args.host}:{gateway.metrics_port}/metrics"}
@@ -70,10 +96,6 @@ async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, star
     state = {"pid": os.getpid(), "target": target, "app": config.app_name,
              "models": list(config.models), "started": time.time(), "metrics": metrics}
     (_run_dir(store) / "up.json").write_text(json.dumps(state))
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     print(f"genfleet is up in {time.perf_counter() - started:.1f} s", flush=True)
     print(f"  gRPC gateway     {target}  (genfleet.v1.GenerationService, grpc.health.v1, "
           f"reflection{', TLS' if args.tls_cert else ''}{', token auth' if args.token else ''})")
@@ -90,6 +112,15 @@ async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, star
     await stop.wait()
     print("shutting down: health NOT_SERVING, finishing in-flight requests", flush=True)
     await gateway.stop(grace=args.grace)
+
+
+def stop_on_signal() -> asyncio.Event:
+    """An event that SIGINT or SIGTERM sets (call inside the running loop)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 def _demo(target: str, models: list[str], out: Path, args: argparse.Namespace) -> None:
@@ -300,14 +331,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--models", nargs="*", default=None, help="serve only these")
     p.add_argument("--address", default=None, help="join this Ray cluster instead of starting one")
     p.add_argument("--num-cpus", type=int, default=None, help="logical CPUs of the embedded cluster")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--token", default=None, help="require this bearer token ($GENFLEET_TOKEN)")
-    p.add_argument("--tls-cert", default=None)
-    p.add_argument("--tls-key", default=None)
-    p.add_argument("--tls-client-ca", default=None, help="require client certificates (mTLS)")
-    p.add_argument("--metrics-port", type=int, default=8080,
-                   help="gateway Prometheus /metrics port (0: any free port, -1: none)")
+    gateway_args(p)
     p.add_argument("--ray-metrics-port", type=int, default=8081,
                    help="Ray's metrics export port on the embedded cluster (-1: any free port)")
     p.add_argument("--dashboard-port", type=int, default=-1,
@@ -315,7 +339,6 @@ def add_parsers(sub: Any) -> None:
                         "off by default: it takes CPU from the replicas on small machines")
     p.add_argument("--batch-root", default=None,
                    help="BatchService outputs go below this directory (default: beside the store)")
-    p.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")
     p.add_argument("--train-minutes", type=float, default=5.0,
                    help="training cap for a family that has no checkpoint")
     p.add_argument("--demo", default=None, metavar="DIR",

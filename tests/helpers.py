@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import shutil
+import sys
 import threading
 import time
 import urllib.request
@@ -11,6 +15,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 
 from services.core.data import load_digits
@@ -85,3 +90,51 @@ def scrape_ray_metrics(*needles: str, timeout_s: float = 30.0) -> str:
             return text
         time.sleep(1.0)
     raise AssertionError(f"{needles} not exported within {timeout_s} s")
+
+
+class RayMetricsWatcher:
+    """Polls this node's Ray metrics endpoint in a thread and keeps every exposition it saw.
+
+    Ray evicts a gauge about two export intervals (~20 s) after its emitter stops
+    reporting, so the gauges of a finished job's workers are checked while it runs."""
+
+    def __init__(self, period_s: float = 1.0) -> None:
+        from ray._private.worker import global_worker
+
+        self._url = f"http://127.0.0.1:{global_worker.node.metrics_export_port}/metrics"
+        self._period_s = period_s
+        self._stop = threading.Event()
+        self.seen: list[str] = []
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            with contextlib.suppress(OSError), \
+                    urllib.request.urlopen(self._url, timeout=5) as response:
+                self.seen.append(response.read().decode())
+            self._stop.wait(self._period_s)
+
+    def __enter__(self) -> RayMetricsWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(10)
+
+    def saw(self, *needles: str) -> bool:
+        """Some exposition held a line with every needle."""
+        return any(all(n in line for n in needles)
+                   for text in self.seen for line in text.splitlines())
+
+
+def require_tool(name: str, install: str) -> str:
+    """The path of command ``name``; without it the test skips, or fails where CI said the
+    tools must be there (``GENFLEET_REQUIRE_TOOLS``)."""
+    beside = Path(sys.executable).with_name(name)  # installed into this virtual environment
+    found = str(beside) if beside.exists() else shutil.which(name)
+    if found is None:
+        if os.environ.get("GENFLEET_REQUIRE_TOOLS"):
+            pytest.fail(f"{name} is not installed (.ci/run installs it: {install})")
+        pytest.skip(f"{name} is not installed ({install})")
+    return found

@@ -73,6 +73,14 @@ class GatewayConfig:
     stream_parallel: int = 4  # chunks in flight at once (they share dynamic batches)
     health_interval_s: float = 2.0
     metrics_port: int | None = None  # serve Prometheus /metrics here (0: any free port)
+    # grpc.health.v1 alone on this port, plaintext, no auth: Kubernetes gRPC probes speak
+    # neither TLS nor tokens (0: any free port)
+    health_port: int | None = None
+
+
+# health service name that is SERVING while the process serves, whatever the models' state:
+# a liveness probe asks for it (restarting the gateway does not bring a model back)
+LIVENESS = "liveness"
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -254,6 +262,8 @@ class Gateway:
         self.metrics = GatewayMetrics([SERVICE, BATCH_SERVICE])
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
+        self._health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
         self._health_task: asyncio.Task[None] | None = None
 
     async def start(self) -> int:
@@ -287,6 +297,12 @@ class Gateway:
             self.port = server.add_insecure_port(address)
         await server.start()
         self._server = server
+        if c.health_port is not None:
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(f"{c.host}:{c.health_port}")
+            await self._health_server.start()
+        await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         if c.metrics_port is not None:
             self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
         await self._refresh_health()
@@ -322,6 +338,8 @@ class Gateway:
         await self.health.enter_graceful_shutdown()
         if self._server is not None:
             await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         self.metrics.close()
 
     async def wait(self) -> None:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -180,6 +182,22 @@ def metrics_endpoints() -> dict[str, str]:
     if discovery.exists():
         out["service discovery"] = str(discovery)
     return out
+
+
+def join_node(gcs_address: str) -> None:
+    """Start a raylet on this machine that joins the cluster at ``gcs_address`` with no
+    CPUs or GPUs for tasks, so that a driver here (the gateway) can call the cluster.
+
+    Raises:
+        ModelNotReady: ``ray start`` failed (cluster unreachable, version mismatch).
+    """
+    ray_cli = Path(sys.executable).with_name("ray")
+    command = [str(ray_cli) if ray_cli.exists() else "ray", "start", f"--address={gcs_address}",
+               "--num-cpus=0", "--num-gpus=0", "--disable-usage-stats"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise ModelNotReady(f"could not join the Ray cluster at {gcs_address}: "
+                            f"{(done.stderr or done.stdout).strip()[-2000:]}")
 
 
 def connect(address: str | None = None) -> None:

@@ -74,17 +74,36 @@ class ServeConfig:
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
 
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ServeConfig:
+        """The inverse of ``to_dict`` (validated).
+
+        Raises:
+            InvalidArgument: missing or unknown keys, bad values.
+        """
+        try:
+            out = cls(str(raw["app_name"]),
+                      {k: ModelServeConfig(**v) for k, v in dict(raw["models"]).items()})
+        except (KeyError, TypeError) as exc:
+            raise InvalidArgument("config", f"not a serve config: {exc}") from exc
+        for model in out.models.values():
+            model.validate()
+        return out
+
     @classmethod
     def from_json(cls, text: str) -> ServeConfig:
-        raw = json.loads(text)
-        return cls(raw["app_name"], {k: ModelServeConfig(**v) for k, v in raw["models"].items()})
+        return cls.from_dict(json.loads(text))
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` laid over ``base``, mappings merged key by key (neither is modified)."""
     out = copy.deepcopy(base)
     for key, value in extra.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
+            out[key] = merge(out[key], value)
         else:
             out[key] = value
     return out
@@ -97,11 +116,28 @@ def load_config(path: Path | str | None = None, *, models: list[str] | None = No
     Raises:
         InvalidArgument: unknown keys, bad values, or a requested model not in the file.
     """
+    return parse_config(read_yaml(path), origin=str(path or DEFAULT_CONFIG), models=models)
+
+
+def read_yaml(path: Path | str | None = None) -> dict[str, Any]:
+    """A serve YAML as a mapping (``DEFAULT_CONFIG`` when ``path`` is None)."""
     path = Path(path) if path else DEFAULT_CONFIG
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except (OSError, yaml.YAMLError) as exc:
         raise InvalidArgument("config", f"{path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise InvalidArgument("config", f"{path}: expected a mapping at the top level")
+    return raw
+
+
+def parse_config(raw: dict[str, Any], *, origin: str = "config",
+                 models: list[str] | None = None) -> ServeConfig:
+    """Validate a serve YAML's content (see ``load_config``)."""
+    path = origin
+    unknown_top = set(raw) - {"app_name", "defaults", "models"}
+    if unknown_top:
+        raise InvalidArgument("config", f"{path}: unknown keys {sorted(unknown_top)}")
     defaults = raw.get("defaults", {}) or {}
     entries: dict[str, Any] = raw.get("models", {}) or {}
     unknown = set(defaults) - _MODEL_KEYS
@@ -115,7 +151,7 @@ def load_config(path: Path | str | None = None, *, models: list[str] | None = No
         unknown = set(own) - _MODEL_KEYS
         if unknown:
             raise InvalidArgument("config", f"{path}: {name}: unknown keys {sorted(unknown)}")
-        model = ModelServeConfig(name=name, **_merge(defaults, own))
+        model = ModelServeConfig(name=name, **merge(defaults, own))
         model.validate()
         out.models[name] = model
     return out

@@ -139,3 +139,32 @@ def test_health_goes_not_serving_on_shutdown(store_root: Path) -> None:
     assert gw.run(check()) == health_pb2.HealthCheckResponse.NOT_SERVING
     gw.loop.call_soon_threadsafe(gw.loop.stop)
 
+
+
+# ---------------------------------------------------------------- probe port
+def test_health_port_answers_plaintext_probes_beside_a_tls_token_port(
+        store_root: Path, pki: dict[str, Path]) -> None:
+    """Kubernetes' gRPC probes speak neither TLS nor tokens: the health port answers them
+    (and only Health), while the main port keeps both."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from services.gateway.pb.genfleet.v1 import generation_pb2 as pb
+    from services.gateway.pb.genfleet.v1 import generation_pb2_grpc as pb_grpc
+    from services.gateway.server import LIVENESS
+
+    gw = _gateway(store_root, tls_cert=pki["cert"], tls_key=pki["key"], token="s3cret",
+                  health_port=0)
+    try:
+        port = gw.gateway.health_port
+        assert port is not None and port != gw.port
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", LIVENESS, "gan"):
+                status = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                assert status.status == health_pb2.HealthCheckResponse.SERVING, service
+            with pytest.raises(grpc.RpcError) as info:  # nothing else is served there
+                pb_grpc.GenerationServiceStub(channel).ListModels(pb.ListModelsRequest(),
+                                                                   timeout=5)
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+    finally:
+        gw.stop()

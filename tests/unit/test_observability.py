@@ -4,9 +4,7 @@ exist; the gateway's exposition parses and follows the naming conventions."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -21,7 +19,7 @@ from services.core import metrics
 from services.gateway.client import GenfleetClient
 from services.gateway.server import GatewayConfig
 from services.serving.backends import LocalBackend
-from tests.helpers import GatewayThread, tiny_store
+from tests.helpers import GatewayThread, require_tool, tiny_store
 
 ROOT = Path(__file__).resolve().parents[2]
 PROMETHEUS = ROOT / "deploy" / "prometheus"
@@ -76,12 +74,7 @@ def dashboard_queries() -> list[str]:
 
 # --------------------------------------------------------------------- promtool
 def _promtool() -> str:
-    found = shutil.which("promtool")
-    if found is None:
-        if os.environ.get("GENFLEET_REQUIRE_TOOLS"):
-            pytest.fail("promtool is not installed (CI installs Debian's prometheus package)")
-        pytest.skip("promtool is not installed (apt-get install prometheus)")
-    return found
+    return require_tool("promtool", "apt-get install prometheus")
 
 
 @pytest.mark.parametrize("args", [
