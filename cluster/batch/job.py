@@ -1,8 +1,9 @@
 """The batch-generation job: plan, validate, generate shards on a Ray Data actor pool (or
 in this process), then write the manifest last.
 
-Exactly-once: a shard is complete when its file (``writer.shard_path``) exists, and files
-only appear by rename. A re-run of the same job skips complete shards; a directory that
+Exactly-once: a shard is complete when its file (``writer.shard_file``) exists, and files
+only appear complete (``output.Output``: rename locally, completed uploads on object
+stores). A re-run of the same job skips complete shards; a directory that
 holds a different job is refused before any work. The manifest (model, version, seed,
 options, counts, label histogram, per-shard checksums read back from disk) is written
 last, so its presence means the dataset is complete.
@@ -23,8 +24,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from cluster.batch.spec import BatchSpec, Shard, output_dir
-from cluster.batch.writer import ShardWriter, atomic_write, shard_path
+from cluster.batch.output import Output
+from cluster.batch.spec import BatchSpec, Shard
+from cluster.batch.writer import ShardWriter, shard_file
 from services.core.errors import Cancelled, InvalidArgument
 from services.core.store import ModelStore, load_model, parse_ref
 
@@ -59,25 +61,25 @@ def plan(spec: BatchSpec, store: ModelStore) -> tuple[BatchSpec, list[Shard]]:
 
     first = None if cycle is None else torch.tensor(cycle[:1])
     _, spec.options = model.check_sample_request(1, first, spec.options)
-    out = output_dir(spec.out)
-    _check_directory(out, spec)
-    return spec, [s for s in spec.shards() if not shard_path(out, spec, s).exists()]
+    out = Output(spec.out)
+    if not _check_directory(out, spec):
+        return spec, spec.shards()
+    done = out.files("index" if spec.format == "png" else "data")
+    return spec, [s for s in spec.shards() if shard_file(spec, s) not in done]
 
 
-def _check_directory(out: Path, spec: BatchSpec) -> None:
-    if out.exists() and not out.is_dir():
-        raise InvalidArgument("out", f"{out} is a file, not a directory")
-    if not out.exists() or not any(out.iterdir()):
-        return
+def _check_directory(out: Output, spec: BatchSpec) -> bool:
+    """Refuse an output that holds something else; False when it is empty."""
+    if not out.check_container():
+        return False
     for name in (MANIFEST, JOB_FILE):
-        path = out / name
-        if path.exists():
-            other = json.loads(path.read_text()).get("key")
+        if out.exists(name):
+            other = json.loads(out.read(name)).get("key")
             if other != spec.key():
                 raise InvalidArgument("out", f"{out} holds a different batch job ({_describe(other)}); "
                                              f"you asked for {_describe(spec.key())}: "
                                              "choose another directory")
-            return
+            return True
     raise InvalidArgument("out", f"{out} is not empty and holds no genfleet batch job")
 
 
@@ -88,9 +90,9 @@ def _describe(key: dict[str, Any] | None) -> str:
             f"seed {key['seed']}, shards of {key['shard_size']}")
 
 
-def read_manifest(out: str | Path) -> dict[str, Any] | None:
-    path = output_dir(str(out)) / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
+def read_manifest(out: str | Path | Output) -> dict[str, Any] | None:
+    out = out if isinstance(out, Output) else Output(str(out))
+    return json.loads(out.read(MANIFEST)) if out.exists(MANIFEST) else None
 
 
 # ---------------------------------------------------------------- execution
@@ -175,14 +177,14 @@ def run(spec: BatchSpec, store: ModelStore, *, local: bool = False, device: str 
     """
     if todo is None:
         spec, todo = plan(spec, store)
-    out = output_dir(spec.out)
+    out = Output(spec.out)
     done = read_manifest(out)
     if done is not None:
         return done
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write(out / JOB_FILE, json.dumps({"key": spec.key(), "spec": spec.to_dict()},
-                                            indent=2).encode())
-    _remove_temporaries(out)
+    out.prepare()
+    out.write(JOB_FILE, json.dumps({"key": spec.key(), "spec": spec.to_dict()},
+                                   indent=2).encode())
+    out.remove_temporaries()
     total = spec.num_samples
     written = total - sum(s.count for s in todo)
     bar = None
@@ -213,7 +215,7 @@ def run(spec: BatchSpec, store: ModelStore, *, local: bool = False, device: str 
         if bar is not None:
             bar.close()
     if not finished:
-        _remove_temporaries(out)
+        out.remove_temporaries()
         raise Cancelled(f"batch job {spec.job_id()} cancelled after {written} of {total} samples; "
                         "re-run it to finish")
     seconds = time.perf_counter() - started
@@ -225,35 +227,29 @@ def run(spec: BatchSpec, store: ModelStore, *, local: bool = False, device: str 
     return manifest
 
 
-def _remove_temporaries(out: Path) -> None:
-    for path in out.rglob(".*.tmp-*"):
-        path.unlink(missing_ok=True)
-
-
-def _shard_digest(out: Path, spec: BatchSpec, shard: Shard) -> str:
-    path = shard_path(out, spec, shard)
-    data = path.read_bytes()
+def _shard_digest(out: Output, spec: BatchSpec, shard: Shard) -> str:
+    data = out.read(shard_file(spec, shard))
     if spec.format != "png":
         return hashlib.sha256(data).hexdigest()
     digest = hashlib.sha256()
     for row in csv.DictReader(io.StringIO(data.decode())):
-        digest.update((out / row["path"]).read_bytes())
+        digest.update(out.read(row["path"]))
     digest.update(data)
     return digest.hexdigest()
 
 
-def _manifest(spec: BatchSpec, out: Path, new: int, seconds: float) -> dict[str, Any]:
+def _manifest(spec: BatchSpec, out: Output, new: int, seconds: float) -> dict[str, Any]:
     shards = spec.shards()
     records = []
     for shard in shards:
         digest = _shard_digest(out, spec, shard)
-        records.append({"name": shard.name, "file": str(shard_path(out, spec, shard).relative_to(out)),
+        records.append({"name": shard.name, "file": shard_file(spec, shard),
                         "start": shard.start, "count": shard.count, "sha256": digest})
     if spec.format == "png":
         rows = ["index,seed,label,path\n"]
         for shard in shards:
-            rows += shard_path(out, spec, shard).read_text().splitlines(keepends=True)[1:]
-        atomic_write(out / "index.csv", "".join(rows).encode())
+            rows += out.read(shard_file(spec, shard)).decode().splitlines(keepends=True)[1:]
+        out.write("index.csv", "".join(rows).encode())
     manifest = {
         "key": spec.key(), "job_id": spec.job_id(), "model": spec.model,
         "version": spec.version, "seed": spec.seed, "options": spec.options,
@@ -264,5 +260,5 @@ def _manifest(spec: BatchSpec, out: Path, new: int, seconds: float) -> dict[str,
         "shards": records, "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "last_run": {"samples_written": new, "seconds": round(seconds, 3)},
     }
-    atomic_write(out / MANIFEST, json.dumps(manifest, indent=2).encode())
+    out.write(MANIFEST, json.dumps(manifest, indent=2).encode())
     return manifest

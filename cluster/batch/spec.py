@@ -11,10 +11,9 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
+from cluster.batch.output import Output
 from services.core.errors import InvalidArgument
 
 FORMATS = ("parquet", "png", "npz")
@@ -39,7 +38,7 @@ class BatchSpec:
 
     model: str  # store name (a "name@version" ref is split by ``from_ref``)
     num_samples: int
-    out: str  # a directory or file:// URI
+    out: str  # a directory, file:// URI, or object-store URI (cluster.batch.output)
     format: str = "parquet"
     encoding: str = "tensor"  # parquet rows: the tensor, PNG bytes (text: the string), or both
     shard_size: int = 1000
@@ -72,7 +71,7 @@ class BatchSpec:
         if not 1 <= self.chunk <= 65536:
             raise InvalidArgument("chunk", "must be in [1, 65536]")
         self.label_list(num_classes=None)
-        output_dir(self.out)
+        Output(self.out)  # the URI's form; reachability is checked when planning
 
     def label_list(self, num_classes: int | None) -> list[int] | None:
         """The label cycle: sample ``i`` gets ``cycle[i % len(cycle)]``; None: no labels."""
@@ -118,15 +117,3 @@ class BatchSpec:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def output_dir(out: str) -> Path:
-    """The local directory for ``out`` (a path or a file:// URI)."""
-    parsed = urlparse(out)
-    if parsed.scheme in ("", "file"):
-        path = Path(parsed.path if parsed.scheme == "file" else out).expanduser()
-        if not str(path):
-            raise InvalidArgument("out", "give an output directory")
-        return path
-    raise InvalidArgument("out", f"{parsed.scheme}:// outputs are not supported; give a directory "
-                                 "or file:// URI on storage every worker mounts")

@@ -11,8 +11,9 @@ Formats (``out`` is the job's directory):
 - png: ``<class>/<index>.png`` (``unlabelled/`` without labels) and the shard's index file
   ``index/shard-NNNNN.csv``, written last: it is the shard's commit marker.
 
-Every file goes to a temporary name in the same directory and is renamed when complete,
-so a reader (or a re-run) never sees a partial file.
+Every file becomes visible under its name only when complete (``cluster.batch.output``:
+temporary name + rename locally, a completed upload on an object store), so a reader (or a
+re-run) never sees a partial file.
 """
 
 from __future__ import annotations
@@ -20,15 +21,13 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import os
-import uuid
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from cluster.batch.spec import BatchSpec, Shard, output_dir
+from cluster.batch.output import Output
+from cluster.batch.spec import BatchSpec, Shard
 from services.core.data import decode_text, to_png
 from services.core.store import ModelStore, load_model
 from services.models import sample_seeds
@@ -36,22 +35,11 @@ from services.models import sample_seeds
 UNLABELLED = "unlabelled"
 
 
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file in the same directory + rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def shard_path(out: Path, spec: BatchSpec, shard: Shard) -> Path:
-    """The file whose presence means ``shard`` is complete."""
+def shard_file(spec: BatchSpec, shard: Shard) -> str:
+    """The file whose presence means ``shard`` is complete (relative to the output)."""
     if spec.format == "png":
-        return out / "index" / f"{shard.name}.csv"
-    return out / "data" / f"{shard.name}.{spec.format}"
+        return f"index/{shard.name}.csv"
+    return f"data/{shard.name}.{spec.format}"
 
 
 class ShardWriter:
@@ -62,7 +50,7 @@ class ShardWriter:
         if threads:
             torch.set_num_threads(threads)
         self.spec = BatchSpec(**spec)
-        self.out = output_dir(self.spec.out)
+        self.out = Output(self.spec.out)
         self.model, self.meta = load_model(ModelStore(store_root),
                                            f"{self.spec.model}@{self.spec.version}", device)
         self.classes: list[str] = [str(c) for c in self.meta.data.get("classes", [])]
@@ -135,7 +123,7 @@ class ShardWriter:
         buf = io.BytesIO()
         pq.write_table(table, buf)
         data = buf.getvalue()
-        atomic_write(shard_path(self.out, self.spec, shard), data)
+        self.out.write(shard_file(self.spec, shard), data)
         return hashlib.sha256(data).hexdigest()
 
     def _npz(self, shard: Shard, arr: np.ndarray, seeds: list[int],
@@ -145,7 +133,7 @@ class ShardWriter:
                  labels=np.asarray(labels if labels is not None else [-1] * len(arr), np.int32),
                  index=np.asarray(index, np.int64))
         data = buf.getvalue()
-        atomic_write(shard_path(self.out, self.spec, shard), data)
+        self.out.write(shard_file(self.spec, shard), data)
         return hashlib.sha256(data).hexdigest()
 
     def _png(self, shard: Shard, arr: np.ndarray, seeds: list[int],
@@ -158,10 +146,10 @@ class ShardWriter:
                                        labels or [-1] * len(arr), strict=True):
             folder = self.classes[label] if label >= 0 and self.classes else UNLABELLED
             rel = f"{folder}/{i:09d}.png"
-            atomic_write(self.out / rel, png)
+            self.out.write(rel, png)
             digest.update(png)
             table.writerow([i, seed, label, rel])
         data = rows.getvalue().encode()
         digest.update(data)
-        atomic_write(shard_path(self.out, self.spec, shard), data)  # the commit marker
+        self.out.write(shard_file(self.spec, shard), data)  # the commit marker
         return digest.hexdigest()

@@ -159,8 +159,8 @@ def test_validation_happens_before_any_write(store: ModelStore, tmp_path: Path) 
         with pytest.raises(error, match=words):
             _run(store, out, **change)
     assert not out.exists()
-    with pytest.raises(InvalidArgument, match="s3:// outputs are not supported"):
-        job.plan(BatchSpec("gan", 4, "s3://bucket/x"), store)
+    with pytest.raises(InvalidArgument, match="ftp:// outputs are not supported"):
+        job.plan(BatchSpec("gan", 4, "ftp://host/x"), store)
     ar = BatchSpec("autoregressive", 4, str(out), format="png")
     assert job.plan(ar, store)  # the tiny AR is an image model: png is fine
     assert not out.exists()
@@ -282,3 +282,59 @@ def test_parquet_encoding_picks_the_sample_columns(store: ModelStore, tmp_path: 
                                                    encoding: str, columns: set[str]) -> None:
     _run(store, tmp_path / encoding, num_samples=5, encoding=encoding)
     assert set(pq.read_table(tmp_path / encoding / "data").column_names) == columns
+
+
+# ---------------------------------------------------------------- a text model
+@pytest.fixture(scope="module")
+def text_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
+    """A character-level autoregressive model, trained a few steps on a small text file."""
+    from services.core.data import load_text
+    from services.models import build
+    from services.training.loop import TrainConfig, Trainer
+    from tests.conftest import TINY_CONFIGS
+
+    root = tmp_path_factory.mktemp("text")
+    corpus = root / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 40, encoding="utf-8")
+    data = load_text(corpus, seq_len=16)
+    torch.manual_seed(0)
+    model = build("autoregressive", {**TINY_CONFIGS["autoregressive"], "data_kind": "text",
+                                     "seq_len": 16, "levels": data.levels, "num_classes": 0})
+    x = torch.from_numpy(data.values[:32])
+    model.prepare(x, None)
+    trainer = Trainer(model, TrainConfig(lr=3e-3))
+    for _ in range(3):
+        trainer.step(x, None)
+    store = ModelStore(root / "store")
+    store.save("chars", family="autoregressive", config=model.config.to_dict(),
+               state=model.state_dict(), data=data.describe(), metrics={})
+    return store
+
+
+def test_a_text_model_writes_tokens_and_strings(text_store: ModelStore, tmp_path: Path) -> None:
+    from services.core.data import decode_text
+
+    spec = BatchSpec(model="chars", num_samples=30, out=str(tmp_path / "pq"), shard_size=8,
+                     seed=5, encoding="both")
+    manifest = job.run(spec, text_store, local=True, progress=False)
+    _check_manifest(tmp_path / "pq", manifest)
+    rows = pq.read_table(tmp_path / "pq" / "data").sort_by("index").to_pydict()
+    assert rows["label"] == [None] * 30 and "png" not in rows
+    tokens = np.asarray(rows["sample"], np.int64)
+    assert tokens.shape == (30, 16)
+    vocab = load_model(text_store, "chars")[1].data["vocab"]
+    assert rows["text"] == decode_text(tokens, vocab)
+    assert all(len(t) == 16 and set(t) <= set(vocab) for t in rows["text"])
+    # the same samples as the model gives for those seeds
+    model, _ = load_model(text_store, "chars@1")
+    assert np.array_equal(tokens[11], model.sample(sample_seeds(5, 1, 11)).numpy()[0])
+    npz = job.run(BatchSpec(model="chars", num_samples=30, out=str(tmp_path / "npz"),
+                            shard_size=8, seed=5, format="npz"), text_store, local=True,
+                  progress=False)
+    arrays = [np.load(tmp_path / "npz" / s["file"]) for s in npz["shards"]]
+    assert np.array_equal(np.concatenate([a["samples"] for a in arrays]), tokens)
+    assert all(a["samples"].dtype == np.int64 for a in arrays)
+    with pytest.raises(InvalidArgument, match="generates text"):
+        job.plan(BatchSpec(model="chars", num_samples=3, out=str(tmp_path / "png"),
+                           format="png"), text_store)
+    assert not (tmp_path / "png").exists()
