@@ -17,7 +17,7 @@ from cluster.train import job
 from services.core.store import ModelStore, load_model
 from services.serving.server import ModelServer
 from tests.conftest import TINY_CONFIGS
-from tests.helpers import scrape_ray_metrics
+from tests.helpers import RayMetricsWatcher, scrape_ray_metrics
 
 pytestmark = pytest.mark.integration
 
@@ -47,7 +47,8 @@ def _served_sample(store: ModelStore, name: str) -> None:
 
 def test_two_worker_job_exports_an_evaluated_servable_checkpoint(
         ray_cluster: None, store: ModelStore) -> None:
-    result = job.run(_spec("vae", "vae-ddp"), store, eval_samples=200, progress=False)
+    with RayMetricsWatcher() as watcher:
+        result = job.run(_spec("vae", "vae-ddp"), store, eval_samples=200, progress=False)
     assert result.ref == "vae-ddp@1" and store.versions("vae-ddp") == [1]
     meta = store.meta(result.ref)
     assert meta.training["workers"] == 2 and meta.training["job"] == "vae-ddp"
@@ -55,10 +56,11 @@ def test_two_worker_job_exports_an_evaluated_servable_checkpoint(
     assert "fd_ratio" in meta.metrics and "test_bits_per_dim" in meta.metrics
     assert [int(h["epoch"]) for h in result.history] == [1, 2]
     _served_sample(store, "vae-ddp")
-    # training metrics reached Ray's Prometheus endpoint
-    text = scrape_ray_metrics('ray_genfleet_train_epoch_epochs{', 'model="vae-ddp"')
-    assert 'ray_genfleet_train_loss{' in text and 'phase="main"' in text
-    assert 'ray_genfleet_train_samples_total{' in text
+    # training metrics reached Ray's Prometheus endpoint: the gauges while the workers ran
+    # (Ray evicts a dead worker's gauges after ~20 s), the counter for good
+    assert watcher.saw("ray_genfleet_train_epoch_epochs{", 'model="vae-ddp"')
+    assert watcher.saw("ray_genfleet_train_loss{", 'phase="main"', 'model="vae-ddp"')
+    scrape_ray_metrics('ray_genfleet_train_samples_total{', 'model="vae-ddp"')
 
 
 def test_two_worker_gan_trains_both_phases(ray_cluster: None, store: ModelStore) -> None:
