@@ -407,9 +407,23 @@ def test_the_image_installs_like_readme_runs_as_a_user_and_holds_no_weights() ->
     sources = [src for line in re.findall(r"^COPY (.+)$", text, re.M)
                for src in [w for w in line.split() if not w.startswith("--")][:-1]]
     assert sorted(sources) == sorted(["pyproject.toml", "README.md", "protos", "cluster",
-                                      "services"])  # no store, no weights, no venv
+                                      "services", "deploy/docker/constraints.txt"])
+    # no store, no weights, no venv
     ignore = [line for line in (DOCKERFILE.parent / "Dockerfile.dockerignore").read_text()
               .splitlines() if line and not line.startswith("#")]
     assert ignore[0] == "*"  # everything out, then only the sources back in
     assert {line[1:].rstrip("/") for line in ignore if line.startswith("!")} == set(sources)
     assert "**/*.safetensors" in ignore
+
+
+def test_the_image_pins_the_ray_the_manifests_name_and_the_tests_ran() -> None:
+    import ray
+
+    pins = dict(line.split("==") for line in (DOCKERFILE.parent / "constraints.txt")
+                .read_text().splitlines() if line and not line.startswith("#"))
+    assert pins["ray"] == ray.__version__
+    assert "PIP_CONSTRAINT=/opt/genfleet/constraints.txt" in DOCKERFILE.read_text()
+    versions = {_one(_render(d), "RayService")["spec"]["rayClusterConfig"]["rayVersion"]
+                for d in KUSTOMIZATIONS}
+    versions |= {_docs(p.name)[0]["spec"]["rayClusterSpec"]["rayVersion"] for p in JOBS}
+    assert versions == {pins["ray"]}
