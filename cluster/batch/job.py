@@ -5,7 +5,7 @@ Exactly-once: a shard is complete when its file (``writer.shard_file``) exists, 
 only appear complete (``output.Output``: rename locally, completed uploads on object
 stores). A re-run of the same job skips complete shards; a directory that
 holds a different job is refused before any work. The manifest (model, version, seed,
-options, counts, label histogram, per-shard checksums read back from disk) is written
+options, counts, label histogram, per-shard checksums) is written
 last, so its presence means the dataset is complete.
 """
 
@@ -110,7 +110,7 @@ class _RayShardWriter:
         self.errors = make(specs.BATCH_ERRORS)
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {"shard": [], "count": []}
+        out: dict[str, list[Any]] = {"shard": [], "count": [], "sha256": []}
         for k, start, count in zip(batch["shard"], batch["start"], batch["count"], strict=True):
             shard = Shard(int(k), int(start), int(count))
             try:
@@ -125,7 +125,10 @@ class _RayShardWriter:
         return out
 
 
-def _run_ray(spec: BatchSpec, store_root: str, todo: list[Shard], on_shard: Callable[[int], bool],
+OnShard = Callable[[dict[str, Any]], bool]  # a written shard's record -> go on?
+
+
+def _run_ray(spec: BatchSpec, store_root: str, todo: list[Shard], on_shard: OnShard,
              device: str) -> bool:
     """Shards on a Ray Data actor pool (on GPUs when the spec asks for them); False when
     ``on_shard`` asked to stop."""
@@ -148,7 +151,7 @@ def _run_ray(spec: BatchSpec, store_root: str, todo: list[Shard], on_shard: Call
     iterator = ds.iter_rows()
     try:
         for row in iterator:
-            if not on_shard(int(row["count"])):
+            if not on_shard(row):
                 return False
     finally:
         close = getattr(iterator, "close", None)
@@ -157,10 +160,10 @@ def _run_ray(spec: BatchSpec, store_root: str, todo: list[Shard], on_shard: Call
     return True
 
 
-def _run_local(spec: BatchSpec, store_root: str, todo: list[Shard], on_shard: Callable[[int], bool],
+def _run_local(spec: BatchSpec, store_root: str, todo: list[Shard], on_shard: OnShard,
                device: str) -> bool:
     writer = ShardWriter(store_root, spec.to_dict(), device=device)
-    return all(on_shard(writer.write(shard)["count"]) for shard in todo)
+    return all(on_shard(writer.write(shard)) for shard in todo)
 
 
 def run(spec: BatchSpec, store: ModelStore, *, local: bool = False, device: str = "cpu",
@@ -196,8 +199,12 @@ def run(spec: BatchSpec, store: ModelStore, *, local: bool = False, device: str 
     started = time.perf_counter()
     new = 0
 
-    def on_shard(count: int) -> bool:
+    digests: dict[int, str] = {}  # shards written now: the writer hashed the bytes it wrote
+
+    def on_shard(record: dict[str, Any]) -> bool:
         nonlocal written, new
+        count = int(record["count"])
+        digests[int(record["shard"])] = str(record["sha256"])
         written += count
         new += count
         if bar is not None:
@@ -219,7 +226,7 @@ def run(spec: BatchSpec, store: ModelStore, *, local: bool = False, device: str 
         raise Cancelled(f"batch job {spec.job_id()} cancelled after {written} of {total} samples; "
                         "re-run it to finish")
     seconds = time.perf_counter() - started
-    manifest = _manifest(spec, out, new, seconds)
+    manifest = _manifest(spec, out, new, seconds, digests)
     if progress:
         rate = new / seconds if seconds > 0 else 0.0
         print(f"wrote {new} samples ({total - new} already there) in {seconds:.1f} s: "
@@ -228,6 +235,7 @@ def run(spec: BatchSpec, store: ModelStore, *, local: bool = False, device: str 
 
 
 def _shard_digest(out: Output, spec: BatchSpec, shard: Shard) -> str:
+    """The checksum of a shard written by an earlier run (what ``ShardWriter.write`` returns)."""
     data = out.read(shard_file(spec, shard))
     if spec.format != "png":
         return hashlib.sha256(data).hexdigest()
@@ -238,11 +246,12 @@ def _shard_digest(out: Output, spec: BatchSpec, shard: Shard) -> str:
     return digest.hexdigest()
 
 
-def _manifest(spec: BatchSpec, out: Output, new: int, seconds: float) -> dict[str, Any]:
+def _manifest(spec: BatchSpec, out: Output, new: int, seconds: float,
+              digests: dict[int, str]) -> dict[str, Any]:
     shards = spec.shards()
     records = []
     for shard in shards:
-        digest = _shard_digest(out, spec, shard)
+        digest = digests.get(shard.index) or _shard_digest(out, spec, shard)
         records.append({"name": shard.name, "file": shard_file(spec, shard),
                         "start": shard.start, "count": shard.count, "sha256": digest})
     if spec.format == "png":

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from cluster.batch import job
+from cluster.batch.output import Output
 from cluster.batch.spec import BatchSpec, Shard
 from services.core import api
 from services.core.errors import Cancelled, GenfleetError, InvalidArgument, ModelNotFound
@@ -76,7 +77,7 @@ class BatchManager:
             status = api.BatchStatus(
                 id=spec.job_id(), state="running", model=spec.model, version=spec.version or 0,
                 num_samples=spec.num_samples, samples_written=written,
-                output_uri=Path(spec.out).resolve().as_uri(), created=time.time())
+                output_uri=Output(spec.out).uri(), created=time.time())
             entry = _Job(spec, todo, status)
             self._jobs[status.id] = entry
         entry.thread = threading.Thread(target=self._run, args=(entry,), daemon=True,
@@ -94,7 +95,7 @@ class BatchManager:
             job.run(entry.spec, self.store, local=self.local, device=self.device,
                     progress=False, on_progress=progress, cancel=entry.cancel, todo=entry.todo)
             status.samples_written = status.num_samples
-            status.manifest_uri = (Path(entry.spec.out).resolve() / job.MANIFEST).as_uri()
+            status.manifest_uri = Output(entry.spec.out).uri(job.MANIFEST)
             status.state = "succeeded"
         except Cancelled:
             status.state = "cancelled"

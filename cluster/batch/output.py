@@ -19,7 +19,7 @@ import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from services.core.errors import InvalidArgument
@@ -60,13 +60,29 @@ class Output:
             raise InvalidArgument("out", f"{out}: give a bucket and a prefix "
                                          f"({parsed.scheme}://BUCKET/PREFIX)")
         self.local = None
-        from pyarrow import fs
+        self._store: tuple[Any, str] | None = None  # (pyarrow filesystem, bucket/prefix)
 
-        try:
-            self._fs, self._root = fs.FileSystem.from_uri(out)
-        except (ValueError, OSError) as exc:
-            raise InvalidArgument("out", f"{out}: {exc}") from exc
-        self._root = self._root.rstrip("/")
+    @property
+    def _fs(self) -> Any:
+        return self._connect()[0]
+
+    @property
+    def _root(self) -> str:
+        return self._connect()[1]
+
+    def _connect(self) -> tuple[Any, str]:
+        """The object store's filesystem, made on first use: checking a URI's form
+        (``BatchSpec.validate``) needs no network, while pyarrow's S3 resolves the bucket's
+        region when it is made."""
+        if self._store is None:
+            from pyarrow import fs
+
+            try:
+                filesystem, root = fs.FileSystem.from_uri(self.out)
+            except (ValueError, OSError) as exc:
+                raise InvalidArgument("out", f"{self.out}: {exc}") from exc
+            self._store = (filesystem, root.rstrip("/"))
+        return self._store
 
     def __str__(self) -> str:
         return str(self.local) if self.local is not None else self._display()

@@ -122,9 +122,7 @@ class ShardWriter:
         table = pa.table(columns).replace_schema_metadata({"genfleet": json.dumps(meta)})
         buf = io.BytesIO()
         pq.write_table(table, buf)
-        data = buf.getvalue()
-        self.out.write(shard_file(self.spec, shard), data)
-        return hashlib.sha256(data).hexdigest()
+        return self._commit(shard, buf.getvalue())
 
     def _npz(self, shard: Shard, arr: np.ndarray, seeds: list[int],
              labels: list[int] | None, index: list[int]) -> str:
@@ -132,7 +130,10 @@ class ShardWriter:
         np.savez(buf, samples=arr, seeds=np.asarray(seeds, np.uint64),
                  labels=np.asarray(labels if labels is not None else [-1] * len(arr), np.int32),
                  index=np.asarray(index, np.int64))
-        data = buf.getvalue()
+        return self._commit(shard, buf.getvalue())
+
+    def _commit(self, shard: Shard, data: bytes) -> str:
+        """Write a one-file shard; its checksum."""
         self.out.write(shard_file(self.spec, shard), data)
         return hashlib.sha256(data).hexdigest()
 

@@ -101,11 +101,16 @@ class Rendered:
         return self.directory / PATCH
 
 
+def _root(directory: Path) -> Path:
+    """``deploy/k8s`` for ``deploy/k8s/base`` and ``deploy/k8s/overlays/NAME``."""
+    return directory.parents[1] if directory.parent.name == "overlays" else directory.parent
+
+
 def _layers(directory: Path) -> list[Path]:
     """The ``serve-overrides.yaml`` files that apply to a kustomize directory: the base's,
-    then an overlay's own (``deploy/k8s/overlays/NAME`` builds on ``deploy/k8s/base``)."""
-    base = directory.parents[1] / "base" if directory.parent.name == "overlays" else None
-    return [d / OVERRIDES for d in (base, directory) if d is not None and (d / OVERRIDES).exists()]
+    then an overlay's own (``overlays/NAME`` builds on ``base``)."""
+    dirs = dict.fromkeys([_root(directory) / "base", directory])  # base once
+    return [d / OVERRIDES for d in dirs if (d / OVERRIDES).exists()]
 
 
 def config_for(directory: Path, serve_yaml: Path | None = None) -> ServeConfig:
@@ -124,8 +129,8 @@ def render(directory: Path, serve_yaml: Path | None = None) -> Rendered:
     text = yaml.safe_dump(serve_config_v2(config), sort_keys=False, width=100)
     patch = {"apiVersion": "ray.io/v1", "kind": "RayService",
              "metadata": {"name": RAYSERVICE}, "spec": {"serveConfigV2": _Literal(text)}}
-    root = directory.parents[1] if directory.parent.name == "overlays" else directory.parent
-    extra = "".join(f" + {layer.relative_to(root).as_posix()}" for layer in _layers(directory))
+    extra = "".join(f" + {layer.relative_to(_root(directory)).as_posix()}"
+                    for layer in _layers(directory))
     body = yaml.dump(patch, Dumper=_Dumper, sort_keys=False, width=100)
     return Rendered(directory, config, _HEADER.format(extra=extra) + body)
 
