@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from services.cli_serve import gateway_args, gateway_config, stop_on_signal
+from services.cli_serve import gateway_args, gateway_config, security_note, serve_until_signal
 
 
 async def _gateway(args: argparse.Namespace) -> None:
@@ -24,18 +24,16 @@ async def _gateway(args: argparse.Namespace) -> None:
 
         batches = BatchManager(ModelStore(args.store), Path(args.batch_root))
     gateway = Gateway(ServeBackend(args.app), batches=batches, config=gateway_config(args))
-    stop = stop_on_signal()
-    port = await gateway.start()
-    print(f"genfleet gateway on {args.host}:{port} for Serve application {args.app!r}"
-          f"{', TLS' if args.tls_cert else ''}{', token auth' if gateway.config.token else ''}",
-          flush=True)
-    if gateway.health_port is not None:
-        print(f"  grpc.health.v1 (plaintext) {args.host}:{gateway.health_port}", flush=True)
-    if gateway.metrics_port is not None:
-        print(f"  metrics {args.host}:{gateway.metrics_port}/metrics", flush=True)
-    await stop.wait()
-    print("shutting down: health NOT_SERVING, finishing in-flight requests", flush=True)
-    await gateway.stop(grace=args.grace)
+
+    async def announce(port: int) -> None:
+        print(f"genfleet gateway on {args.host}:{port} for Serve application {args.app!r}"
+              f"{security_note(gateway)}", flush=True)
+        if gateway.health_port is not None:
+            print(f"  grpc.health.v1 (plaintext) {args.host}:{gateway.health_port}", flush=True)
+        if gateway.metrics_port is not None:
+            print(f"  metrics {args.host}:{gateway.metrics_port}/metrics", flush=True)
+
+    await serve_until_signal(gateway, args.grace, announce)
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:

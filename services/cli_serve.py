@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,40 +88,51 @@ async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, star
     batches = BatchManager(store, batch_root)
     gateway = Gateway(ServeBackend(config.app_name), batches=batches,
                       config=gateway_config(args))
-    stop = stop_on_signal()
-    port = await gateway.start()
-    target = f"{args.host}:{port}"
-    metrics = ({"gateway": f"http://{args.host}:{gateway.metrics_port}/metrics"}
-               if gateway.metrics_port is not None else {})
-    metrics.update(await asyncio.to_thread(serving.metrics_endpoints))
-    state = {"pid": os.getpid(), "target": target, "app": config.app_name,
-             "models": list(config.models), "started": time.time(), "metrics": metrics}
-    (_run_dir(store) / "up.json").write_text(json.dumps(state))
-    print(f"genfleet is up in {time.perf_counter() - started:.1f} s", flush=True)
-    print(f"  gRPC gateway     {target}  (genfleet.v1.GenerationService, grpc.health.v1, "
-          f"reflection{', TLS' if args.tls_cert else ''}{', token auth' if args.token else ''})")
-    print(f"  models           {', '.join(f'{m}@{c.version}' for m, c in config.models.items())}")
-    print(f"  model store      {store.root}")
-    print(f"  batch jobs       genfleet.v1.BatchService, outputs under {batch_root}")
-    for what, where in metrics.items():
-        print(f"  metrics          {where}  ({what})")
-    if args.dashboard_port >= 0 and args.address is None:
-        print(f"  Ray dashboard    http://127.0.0.1:{args.dashboard_port}")
-    print("  stop with        genfleet down  (or Ctrl-C)", flush=True)
-    if args.demo:
-        await asyncio.to_thread(_demo, target, list(config.models), Path(args.demo), args)
-    await stop.wait()
-    print("shutting down: health NOT_SERVING, finishing in-flight requests", flush=True)
-    await gateway.stop(grace=args.grace)
+
+    async def announce(port: int) -> None:
+        target = f"{args.host}:{port}"
+        metrics = ({"gateway": f"http://{args.host}:{gateway.metrics_port}/metrics"}
+                   if gateway.metrics_port is not None else {})
+        metrics.update(await asyncio.to_thread(serving.metrics_endpoints))
+        state = {"pid": os.getpid(), "target": target, "app": config.app_name,
+                 "models": list(config.models), "started": time.time(), "metrics": metrics}
+        (_run_dir(store) / "up.json").write_text(json.dumps(state))
+        print(f"genfleet is up in {time.perf_counter() - started:.1f} s", flush=True)
+        print(f"  gRPC gateway     {target}  (genfleet.v1.GenerationService, grpc.health.v1, "
+              f"reflection{security_note(gateway)})")
+        print(f"  models           "
+              f"{', '.join(f'{m}@{c.version}' for m, c in config.models.items())}")
+        print(f"  model store      {store.root}")
+        print(f"  batch jobs       genfleet.v1.BatchService, outputs under {batch_root}")
+        for what, where in metrics.items():
+            print(f"  metrics          {where}  ({what})")
+        if args.dashboard_port >= 0 and args.address is None:
+            print(f"  Ray dashboard    http://127.0.0.1:{args.dashboard_port}")
+        print("  stop with        genfleet down  (or Ctrl-C)", flush=True)
+        if args.demo:
+            await asyncio.to_thread(_demo, target, list(config.models), Path(args.demo), args)
+
+    await serve_until_signal(gateway, args.grace, announce)
 
 
-def stop_on_signal() -> asyncio.Event:
-    """An event that SIGINT or SIGTERM sets (call inside the running loop)."""
+def security_note(gateway: Any) -> str:
+    """What the start-up line says of transport security: TLS and/or token auth."""
+    c = gateway.config
+    return f"{', TLS' if c.tls_cert else ''}{', token auth' if c.token else ''}"
+
+
+async def serve_until_signal(gateway: Any, grace: float,
+                             announce: Callable[[int], Awaitable[None]]) -> None:
+    """Start ``gateway``, ``announce(port)``, serve until SIGINT or SIGTERM, then report
+    NOT_SERVING and let the calls in flight finish (``grace`` seconds)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before start: a signal never goes unheard
         loop.add_signal_handler(sig, stop.set)
-    return stop
+    await announce(await gateway.start())
+    await stop.wait()
+    print("shutting down: health NOT_SERVING, finishing in-flight requests", flush=True)
+    await gateway.stop(grace=grace)
 
 
 def _demo(target: str, models: list[str], out: Path, args: argparse.Namespace) -> None:
