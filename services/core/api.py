@@ -14,19 +14,40 @@ from typing import Any, Literal
 import numpy as np
 
 from services.core import errors
+from services.core.options import OptionSpec
 
 Output = Literal["tensor", "png", "both"]
+OUTPUTS: tuple[Output, ...] = ("tensor", "png", "both")
 
 
 @dataclass(frozen=True)
 class OptionInfo:
     name: str
-    kind: str  # int, float, str, bool
-    default: Any
-    help: str = ""
-    min: float | None = None
-    max: float | None = None
-    choices: tuple[str, ...] = ()
+    spec: OptionSpec
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-model caps on the cost of one request (DESIGN.md §8), set per model in
+    ``serve.yaml``, reported by ListModels and checked before any work."""
+
+    max_samples_per_request: int = 256     # Generate, and each GenerateStream message
+    max_samples_per_stream: int = 65536    # a whole GenerateStream
+    max_examples_per_request: int = 1024   # Score, Encode, Decode
+    # examples (or samples) x the options that multiply work (steps, importance samples):
+    # e.g. 256 diffusion samples at 1000 steps, or 1024 examples at 256 IWAE samples
+    max_work_per_request: int = 262144
+
+    def __post_init__(self) -> None:
+        for name in ("max_samples_per_request", "max_samples_per_stream",
+                     "max_examples_per_request", "max_work_per_request"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31 - 1:
+                raise errors.InvalidArgument(name, f"must be an integer in [1, 2^31 - 1], "
+                                                   f"got {value!r}")
+        if self.max_samples_per_stream < self.max_samples_per_request:
+            raise errors.InvalidArgument("max_samples_per_stream",
+                                         "must be >= max_samples_per_request")
 
 
 @dataclass(frozen=True)
@@ -44,7 +65,7 @@ class ModelInfo:
     score_options: tuple[OptionInfo, ...]
     score_kind: str | None
     latent_shape: tuple[int, ...] | None
-    max_samples_per_request: int
+    limits: Limits = field(default_factory=Limits)
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -65,6 +86,7 @@ class GenerateRequest:
     output: Output = "tensor"
     start_index: int = 0
     deadline: float | None = None  # absolute time.time(); work stops when it passes
+    max_response_bytes: int | None = None  # the caller's message limit (None: no limit)
 
 
 @dataclass
@@ -87,6 +109,7 @@ class ScoreRequest:
     labels: tuple[int, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
     deadline: float | None = None
+    max_response_bytes: int | None = None
 
 
 @dataclass
@@ -106,6 +129,7 @@ class EncodeRequest:
     labels: tuple[int, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
     deadline: float | None = None
+    max_response_bytes: int | None = None
 
 
 @dataclass
@@ -124,6 +148,7 @@ class DecodeRequest:
     options: dict[str, Any] = field(default_factory=dict)
     output: Output = "tensor"
     deadline: float | None = None
+    max_response_bytes: int | None = None
 
 
 @dataclass

@@ -38,12 +38,28 @@ class UnsupportedOperation(GenfleetError, NotImplementedError):
     """The model's family lacks the requested capability (UNIMPLEMENTED)."""
 
 
-class Overloaded(GenfleetError):
+class Retryable(GenfleetError):
+    """An error a client may retry after ``retry_after_s`` seconds: the gateway sends the
+    delay as the ``grpc-retry-pushback-ms`` trailer, which marks the status retryable."""
+
+    retry_after_s: float = 0.5
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
+
+
+class Overloaded(Retryable):
     """Queue full or over quota (RESOURCE_EXHAUSTED); retry with backoff."""
 
+    retry_after_s = 0.1
 
-class ModelNotReady(GenfleetError):
+
+class ModelNotReady(Retryable):
     """No replica ready yet, or shutting down (UNAVAILABLE)."""
+
+    retry_after_s = 1.0
 
 
 class Cancelled(GenfleetError):
@@ -60,3 +76,8 @@ class DeadlineExceeded(GenfleetError):
 
 class Unauthenticated(GenfleetError):
     """Missing or bad credentials (UNAUTHENTICATED)."""
+
+
+class Internal(GenfleetError):
+    """An unexpected failure of one request (INTERNAL). The message carries a request id
+    that names the log line with the traceback; the traceback never goes on the wire."""

@@ -1,15 +1,18 @@
-"""protobuf <-> domain (services.core.api). Validation of wire-level fields happens here:
-tensor byte lengths, dtypes, enum values, option values. No torch, no model logic."""
+"""protobuf <-> domain (services.core.api). Only wire-level checks happen here, each in
+O(1) before anything is converted: tensor dtypes, shapes (exact integers, no overflow),
+byte lengths, enum values, and counts of repeated fields and map entries. Everything about
+the model (ranges, options, caps) is ``services.core.validation``'s. No torch."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from services.core import api
 from services.core.errors import InvalidArgument
+from services.core.options import MAX_OPTIONS, OptionSpec
 from services.gateway.pb.genfleet.v1 import batch_pb2 as bpb
 from services.gateway.pb.genfleet.v1 import generation_pb2 as pb
 
@@ -23,7 +26,10 @@ _OUTPUTS = {pb.OUTPUT_FORMAT_UNSPECIFIED: "tensor", pb.OUTPUT_FORMAT_TENSOR: "te
             pb.OUTPUT_FORMAT_PNG: "png", pb.OUTPUT_FORMAT_BOTH: "both"}
 _SCORE_KINDS = {"exact": pb.SCORE_KIND_EXACT, "lower_bound": pb.SCORE_KIND_LOWER_BOUND,
                 "unnormalized": pb.SCORE_KIND_UNNORMALIZED}
+D = TypeVar("D", api.ScoreRequest, api.EncodeRequest)
 MAX_TENSOR_ELEMENTS = 1 << 26
+MAX_TENSOR_RANK = 8
+MAX_LABELS = 1 << 17  # more labels than any request can have samples (caps are below this)
 
 
 # ---------------------------------------------------------------- tensors
@@ -35,12 +41,19 @@ def tensor_to_array(tensor: pb.Tensor, field: str) -> np.ndarray:
     """
     if tensor.dtype not in _DTYPES:
         raise InvalidArgument(f"{field}.dtype", "must be DTYPE_FLOAT32, DTYPE_INT64 or DTYPE_UINT8")
+    if not 1 <= len(tensor.shape) <= MAX_TENSOR_RANK:
+        raise InvalidArgument(f"{field}.shape", f"must have 1 to {MAX_TENSOR_RANK} dimensions, "
+                                                f"got {len(tensor.shape)}")
     shape = tuple(int(d) for d in tensor.shape)
-    if not shape or any(d < 0 for d in shape):
-        raise InvalidArgument(f"{field}.shape", f"must be non-empty and non-negative, got {list(shape)}")
-    count = int(np.prod(shape, dtype=np.int64))
-    if count > MAX_TENSOR_ELEMENTS:
-        raise InvalidArgument(f"{field}.shape", f"at most {MAX_TENSOR_ELEMENTS} elements")
+    if any(d < 0 for d in shape):
+        raise InvalidArgument(f"{field}.shape", f"must be non-negative, got {list(shape)}")
+    count = 1
+    for d in shape:  # Python integers: a product that overflows int64 is still caught
+        count *= d
+    # each dimension too: [0, 2^62] has no elements but is no array numpy can shape
+    if count > MAX_TENSOR_ELEMENTS or max(shape) > MAX_TENSOR_ELEMENTS:
+        raise InvalidArgument(f"{field}.shape", f"at most {MAX_TENSOR_ELEMENTS} elements, "
+                                                f"got {list(shape)}")
     dtype = _DTYPES[tensor.dtype]
     expected = count * dtype.itemsize
     if len(tensor.data) != expected:
@@ -60,6 +73,8 @@ def array_to_tensor(array: np.ndarray) -> pb.Tensor:
 
 # ---------------------------------------------------------------- options
 def options_from_pb(options: Mapping[str, pb.OptionValue]) -> dict[str, Any]:
+    if len(options) > MAX_OPTIONS:
+        raise InvalidArgument("options", f"at most {MAX_OPTIONS} entries, got {len(options)}")
     out: dict[str, Any] = {}
     for name, value in options.items():
         kind = value.WhichOneof("value")
@@ -78,7 +93,9 @@ def option_value(value: Any) -> pb.OptionValue:
 
 
 def _labels(labels: Any) -> tuple[int, ...]:
-    return tuple(int(v) for v in labels)
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument("labels", f"at most {MAX_LABELS} entries, got {len(labels)}")
+    return tuple(labels)
 
 
 def _output(value: int) -> api.Output:
@@ -95,33 +112,40 @@ def _model(name: str) -> str:
 
 
 # ---------------------------------------------------------------- requests
-def generate_request_from_pb(req: pb.GenerateRequest, deadline: float | None
-                             ) -> api.GenerateRequest:
-    if req.num_samples < 1:
-        raise InvalidArgument("num_samples", f"must be >= 1, got {req.num_samples}")
+# ``limit``: the gateway's message limit, against which the response size is predicted
+def generate_request_from_pb(req: pb.GenerateRequest, deadline: float | None,
+                             limit: int | None = None) -> api.GenerateRequest:
     return api.GenerateRequest(
         model=_model(req.model), num_samples=req.num_samples, seed=req.seed,
         labels=_labels(req.labels), options=options_from_pb(req.options),
-        output=_output(req.output), start_index=req.start_index, deadline=deadline)
+        output=_output(req.output), start_index=req.start_index, deadline=deadline,
+        max_response_bytes=limit)
 
 
-def score_request_from_pb(req: pb.ScoreRequest, deadline: float | None) -> api.ScoreRequest:
-    return api.ScoreRequest(model=_model(req.model), data=tensor_to_array(req.data, "data"),
-                            labels=_labels(req.labels), options=options_from_pb(req.options),
-                            deadline=deadline)
+def _data_request(kind: type[D], req: pb.ScoreRequest | pb.EncodeRequest,
+                  deadline: float | None, limit: int | None) -> D:
+    return kind(model=_model(req.model), labels=_labels(req.labels),
+                options=options_from_pb(req.options), data=tensor_to_array(req.data, "data"),
+                deadline=deadline, max_response_bytes=limit)
 
 
-def encode_request_from_pb(req: pb.EncodeRequest, deadline: float | None) -> api.EncodeRequest:
-    return api.EncodeRequest(model=_model(req.model), data=tensor_to_array(req.data, "data"),
-                             labels=_labels(req.labels), options=options_from_pb(req.options),
-                             deadline=deadline)
+def score_request_from_pb(req: pb.ScoreRequest, deadline: float | None,
+                          limit: int | None = None) -> api.ScoreRequest:
+    return _data_request(api.ScoreRequest, req, deadline, limit)
 
 
-def decode_request_from_pb(req: pb.DecodeRequest, deadline: float | None) -> api.DecodeRequest:
-    return api.DecodeRequest(model=_model(req.model),
+def encode_request_from_pb(req: pb.EncodeRequest, deadline: float | None,
+                           limit: int | None = None) -> api.EncodeRequest:
+    return _data_request(api.EncodeRequest, req, deadline, limit)
+
+
+def decode_request_from_pb(req: pb.DecodeRequest, deadline: float | None,
+                           limit: int | None = None) -> api.DecodeRequest:
+    return api.DecodeRequest(model=_model(req.model), labels=_labels(req.labels),
+                             options=options_from_pb(req.options),
                              latents=tensor_to_array(req.latents, "latents"),
-                             labels=_labels(req.labels), options=options_from_pb(req.options),
-                             output=_output(req.output), deadline=deadline)
+                             output=_output(req.output), deadline=deadline,
+                             max_response_bytes=limit)
 
 
 # ---------------------------------------------------------------- responses
@@ -158,8 +182,10 @@ def decode_response_to_pb(result: api.DecodeResult) -> pb.DecodeResponse:
 
 
 def _option_info(o: api.OptionInfo) -> pb.OptionInfo:
-    return pb.OptionInfo(name=o.name, kind=o.kind, default_value=option_value(o.default),
-                         min=o.min, max=o.max, choices=list(o.choices), help=o.help)
+    s: OptionSpec = o.spec
+    return pb.OptionInfo(name=o.name, kind=s.kind, default_value=option_value(s.default),
+                         min=s.min, max=s.max, choices=list(s.choices), help=s.help,
+                         multiplies_work=s.cost)
 
 
 def model_info_to_pb(info: api.ModelInfo) -> pb.ModelInfo:
@@ -172,7 +198,10 @@ def model_info_to_pb(info: api.ModelInfo) -> pb.ModelInfo:
         score_options=[_option_info(o) for o in info.score_options],
         score_kind=_SCORE_KINDS.get(info.score_kind or "", pb.SCORE_KIND_UNSPECIFIED),
         latent_shape=list(info.latent_shape or ()),
-        max_samples_per_request=info.max_samples_per_request, metrics=info.metrics)
+        max_samples_per_request=info.limits.max_samples_per_request,
+        max_samples_per_stream=info.limits.max_samples_per_stream,
+        max_examples_per_request=info.limits.max_examples_per_request,
+        max_work_per_request=info.limits.max_work_per_request, metrics=info.metrics)
 
 
 # ---------------------------------------------------------------- batch jobs

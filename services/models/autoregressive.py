@@ -159,16 +159,19 @@ class AutoregressiveModel(GenerativeModel):
         return LossOutput(loss, {"bits_per_dim": float(loss.detach()) / math.log(2)})
 
     # ---------------------------------------------------------------- inference
-    def _log_prob(self, x: Tensor, *, labels: Tensor | None) -> Tensor:
+    def _log_prob(self, x: Tensor, *, labels: Tensor | None, callback: StepCallback | None
+                  ) -> Tensor:
         tokens = self._tokens(x)
         b = tokens.shape[0]
         if labels is not None or not self.cfg.num_classes:
             return self._log_likelihood(tokens, self._start_ids(labels, b, tokens.device))
         # exact marginal: log sum_c pi_c p(x | c)
-        per_class = torch.stack([
-            self._log_likelihood(tokens, torch.full((b,), c, device=tokens.device))
-            for c in range(self.cfg.num_classes)
-        ], dim=1)  # (B, K)
+        k = self.cfg.num_classes
+        cols = []
+        for c in range(k):
+            cols.append(self._log_likelihood(tokens, torch.full((b,), c, device=tokens.device)))
+            self._step(callback, c + 1, k)
+        per_class = torch.stack(cols, dim=1)  # (B, K)
         return torch.logsumexp(per_class + self.class_prior.log(), dim=1)
 
     def _sample(self, noise: Noise, *, labels: Tensor | None, callback: StepCallback | None,

@@ -21,12 +21,13 @@ import enum
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from services.core.errors import InvalidArgument, UnsupportedOperation
+from services.core.options import OptionSpec, resolve_options
 
 
 class Capability(enum.StrEnum):
@@ -49,62 +50,6 @@ class ScoreKind(enum.StrEnum):
 
 StepCallback = Callable[[int, int], None]
 """Called after each sampler step as ``callback(step, total)``; raising aborts sampling."""
-
-
-@dataclass(frozen=True)
-class OptionSpec:
-    """One per-request sampler/scoring option, with its type, default and bounds."""
-
-    kind: Literal["int", "float", "str", "bool"]
-    default: int | float | str | bool
-    help: str
-    min: float | None = None
-    max: float | None = None
-    choices: tuple[str, ...] = ()
-
-    def check(self, name: str, value: Any) -> int | float | str | bool:
-        """Return ``value`` converted to this option's type, or raise InvalidArgument."""
-        if self.kind == "bool":
-            if not isinstance(value, bool):
-                raise InvalidArgument(name, f"expected true or false, got {value!r}")
-            return value
-        if self.kind == "str":
-            if not isinstance(value, str) or (self.choices and value not in self.choices):
-                raise InvalidArgument(name, f"must be one of {list(self.choices)}, got {value!r}")
-            return value
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise InvalidArgument(name, f"expected a number, got {value!r}")
-        if self.kind == "int":
-            if float(value) != int(value):
-                raise InvalidArgument(name, f"expected an integer, got {value!r}")
-            value = int(value)
-        else:
-            value = float(value)
-            if not math.isfinite(value):
-                raise InvalidArgument(name, f"must be finite, got {value!r}")
-        lo = -math.inf if self.min is None else self.min
-        hi = math.inf if self.max is None else self.max
-        if not lo <= value <= hi:
-            raise InvalidArgument(name, f"must be in [{self.min}, {self.max}], got {value!r}")
-        return value
-
-
-def resolve_options(
-    specs: Mapping[str, OptionSpec], options: Mapping[str, Any]
-) -> dict[str, Any]:
-    """Validate ``options`` against ``specs`` and fill in defaults.
-
-    Raises:
-        InvalidArgument: an unknown option, a value of the wrong type or out of range.
-    """
-    unknown = sorted(set(options) - set(specs))
-    if unknown:
-        allowed = sorted(specs) or "none"
-        raise InvalidArgument(f"options.{unknown[0]}", f"unknown option; allowed: {allowed}")
-    return {
-        name: spec.check(f"options.{name}", options[name]) if name in options else spec.default
-        for name, spec in specs.items()
-    }
 
 
 @dataclass(frozen=True)
@@ -320,31 +265,39 @@ class GenerativeModel(nn.Module, abc.ABC):
             raise InvalidArgument("num_samples", "must be at least 1")
         return self._check_labels(labels, n), resolve_options(self.option_specs(), options)
 
-    def log_prob(self, x: Tensor, *, labels: Tensor | None = None, **options: Any) -> Tensor:
-        """Log-likelihood (or bound, or -energy; see ``score_kind``) per sample, nats, ``(B,)``."""
+    def log_prob(self, x: Tensor, *, labels: Tensor | None = None,
+                 callback: StepCallback | None = None, **options: Any) -> Tensor:
+        """Log-likelihood (or bound, or -energy; see ``score_kind``) per sample, nats, ``(B,)``.
+
+        ``callback`` is called between the iterations of iterative bounds (raising aborts).
+        """
         self._require(Capability.LOG_PROB)
         x = self._check_data(x)
         labels = self._check_labels(labels, x.shape[0])
         opts = resolve_options(self.score_options, options)
+        self._step(callback, 0, 1)
         with torch.no_grad():
-            return self._log_prob(x, labels=labels, **opts)
+            return self._log_prob(x, labels=labels, callback=callback, **opts)
 
     def bits_per_dim(self, log_prob: Tensor) -> Tensor:
         """Convert per-sample log-likelihoods in nats to bits per dimension."""
         return -log_prob / (self.num_dims * math.log(2.0))
 
     @torch.no_grad()
-    def encode(self, x: Tensor, *, labels: Tensor | None = None, **options: Any) -> Tensor:
-        """Latents ``(B, *latent_shape)`` of data ``x``."""
+    def encode(self, x: Tensor, *, labels: Tensor | None = None,
+               callback: StepCallback | None = None, **options: Any) -> Tensor:
+        """Latents ``(B, *latent_shape)`` of data ``x``; ``callback`` as in ``log_prob``."""
         self._require(Capability.ENCODE)
         x = self._check_data(x)
         labels = self._check_labels(labels, x.shape[0])
         opts = resolve_options(self.option_specs(), options)
-        return self._encode(x, labels=labels, **opts)
+        self._step(callback, 0, 1)
+        return self._encode(x, labels=labels, callback=callback, **opts)
 
     @torch.no_grad()
-    def decode(self, z: Tensor, *, labels: Tensor | None = None, **options: Any) -> Tensor:
-        """Data ``(B, *data_shape)`` from latents ``z``."""
+    def decode(self, z: Tensor, *, labels: Tensor | None = None,
+               callback: StepCallback | None = None, **options: Any) -> Tensor:
+        """Data ``(B, *data_shape)`` from latents ``z``; ``callback`` as in ``log_prob``."""
         self._require(Capability.DECODE)
         shape = self.latent_shape
         if shape is None or z.dim() != len(shape) + 1 or tuple(z.shape[1:]) != shape:
@@ -353,7 +306,9 @@ class GenerativeModel(nn.Module, abc.ABC):
             raise InvalidArgument("latents", "must be finite floating-point values")
         labels = self._check_labels(labels, z.shape[0])
         opts = resolve_options(self.option_specs(), options)
-        return self.postprocess(self._decode(z.to(self.device), labels=labels, **opts))
+        self._step(callback, 0, 1)
+        return self.postprocess(self._decode(z.to(self.device), labels=labels, callback=callback,
+                                             **opts))
 
     # ----------------------------------------------------------- family hooks
     def _sample(
@@ -361,20 +316,24 @@ class GenerativeModel(nn.Module, abc.ABC):
     ) -> Tensor:
         raise UnsupportedOperation(f"{self.family} cannot sample")
 
-    def _log_prob(self, x: Tensor, *, labels: Tensor | None, **opts: Any) -> Tensor:
+    def _log_prob(self, x: Tensor, *, labels: Tensor | None, callback: StepCallback | None,
+                  **opts: Any) -> Tensor:
         raise UnsupportedOperation(f"{self.family} has no log_prob")
 
-    def _encode(self, x: Tensor, *, labels: Tensor | None, **opts: Any) -> Tensor:
+    def _encode(self, x: Tensor, *, labels: Tensor | None, callback: StepCallback | None,
+                **opts: Any) -> Tensor:
         raise UnsupportedOperation(f"{self.family} cannot encode")
 
-    def _decode(self, z: Tensor, *, labels: Tensor | None, **opts: Any) -> Tensor:
+    def _decode(self, z: Tensor, *, labels: Tensor | None, callback: StepCallback | None,
+                **opts: Any) -> Tensor:
         raise UnsupportedOperation(f"{self.family} cannot decode")
 
     # ------------------------------------------------------------------ helpers
     def postprocess(self, x: Tensor) -> Tensor:
-        """Clamp to [0, 1] and snap to the data's level grid."""
+        """Clamp to [0, 1] and snap to the data's level grid (NaN -> 0: a diverging sampler
+        never yields values off the grid)."""
         top = self.config.levels - 1
-        return (x.float().clamp(0.0, 1.0) * top).round() / top
+        return (x.float().nan_to_num(0.0).clamp(0.0, 1.0) * top).round() / top
 
     def to_levels(self, x: Tensor) -> Tensor:
         """Data in [0, 1] -> integer levels ``[0, levels)`` int64."""

@@ -87,7 +87,8 @@ class DiffusionModel(GenerativeModel):
     )
     score_kind = ScoreKind.LOWER_BOUND
     sampler_options = {
-        "steps": OptionSpec("int", 20, "network evaluations (solver steps)", min=1, max=1000),
+        "steps": OptionSpec("int", 20, "network evaluations (solver steps)", min=1, max=1000,
+                            cost=True),
         "guidance": OptionSpec("float", 1.0, "classifier-free guidance scale", min=0.0, max=20.0),
         "sampler": OptionSpec(
             "str", "dpmsolver++", "ODE solver", choices=("dpmsolver++", "ddim")
@@ -95,7 +96,7 @@ class DiffusionModel(GenerativeModel):
     }
     score_options = {
         "timesteps": OptionSpec(
-            "int", 50, "timesteps used to estimate the bound's sum", min=1, max=1000
+            "int", 50, "timesteps used to estimate the bound's sum", min=1, max=1000, cost=True
         ),
     }
     train_defaults = {"lr": 2e-3, "batch_size": 128, "epochs": 150, "ema_decay": 0.995,
@@ -142,7 +143,7 @@ class DiffusionModel(GenerativeModel):
         return {
             **self.sampler_options,
             "steps": OptionSpec("int", c.sampling_steps, "network evaluations (solver steps)",
-                                min=1, max=c.num_train_steps),
+                                min=1, max=c.num_train_steps, cost=True),
             "guidance": OptionSpec("float", c.guidance,
                                    "classifier-free guidance scale (with labels)", min=0.0, max=20.0),
         }
@@ -238,13 +239,13 @@ class DiffusionModel(GenerativeModel):
             x0 = self._dpm_solver(x, labels, steps, guidance, callback)
         return (x0 + 1) / 2
 
-    def _encode(self, x: Tensor, *, labels: Tensor | None, steps: int, guidance: float,
-                sampler: str) -> Tensor:
-        return self._ddim(x * 2 - 1, labels, steps, guidance, None, invert=True)
+    def _encode(self, x: Tensor, *, labels: Tensor | None, callback: StepCallback | None,
+                steps: int, guidance: float, sampler: str) -> Tensor:
+        return self._ddim(x * 2 - 1, labels, steps, guidance, callback, invert=True)
 
-    def _decode(self, z: Tensor, *, labels: Tensor | None, steps: int, guidance: float,
-                sampler: str) -> Tensor:
-        return (self._ddim(z, labels, steps, guidance, None) + 1) / 2
+    def _decode(self, z: Tensor, *, labels: Tensor | None, callback: StepCallback | None,
+                steps: int, guidance: float, sampler: str) -> Tensor:
+        return (self._ddim(z, labels, steps, guidance, callback) + 1) / 2
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -259,7 +260,8 @@ class DiffusionModel(GenerativeModel):
         edges = [0.5] + [(a + b) / 2 for a, b in itertools.pairwise(ts)] + [T - 0.5]
         return ts, [hi - lo for lo, hi in itertools.pairwise(edges)]
 
-    def _log_prob(self, x: Tensor, *, labels: Tensor | None, timesteps: int) -> Tensor:
+    def _log_prob(self, x: Tensor, *, labels: Tensor | None, callback: StepCallback | None,
+                  timesteps: int) -> Tensor:
         """Negative variational bound (Ho et al. 2020, eq. 5) of the discrete data, nats.
 
         The sum over t = 1 .. T-1 is estimated from about ``timesteps`` log-spaced terms
@@ -279,7 +281,7 @@ class DiffusionModel(GenerativeModel):
         # the interval each stands for (the weights sum to T - 1).
         ts, weights = self._bound_timesteps(timesteps)
         kl_sum = torch.zeros(b, device=x0.device)
-        for t, weight in zip(ts, weights, strict=True):
+        for k, (t, weight) in enumerate(zip(ts, weights, strict=True)):
             eps = torch.randn(x0.shape, generator=gen).to(x0.device)
             x_t = self.q_sample(x0, torch.full((b,), t, device=x0.device), eps)
             eps_hat = self._eps(x_t, torch.tensor(t, device=x0.device), labels)
@@ -288,6 +290,7 @@ class DiffusionModel(GenerativeModel):
             var = betas[t] * (1 - ab[t - 1]) / (1 - ab[t])
             diff = coef0 * (x0 - x0_hat)  # posterior mean minus model mean (x_t terms cancel)
             kl_sum += weight * (diff**2 / (2 * var)).sum(dims)
+            self._step(callback, k + 1, len(ts))
         # L_0: discretized Gaussian decoder p(x_0 | x_1) with variance beta_1
         eps = torch.randn(x0.shape, generator=gen).to(x0.device)
         x_1 = self.q_sample(x0, torch.zeros(b, dtype=torch.long, device=x0.device), eps)

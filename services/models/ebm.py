@@ -93,7 +93,7 @@ class EnergyModel(GenerativeModel):
         c = self.cfg
         return {
             "steps": OptionSpec("int", c.sampling_steps, "Langevin steps per chain", min=0,
-                                max=1000),
+                                max=1000, cost=True),
             "step_size": OptionSpec("float", c.step_size, "Langevin gradient step", min=0.0,
                                     max=100.0),
             "noise_scale": OptionSpec("float", c.noise_scale, "Langevin noise std", min=0.0,
@@ -158,5 +158,6 @@ class EnergyModel(GenerativeModel):
             x = self.langevin(x, steps, step_size, noise_scale, noise, callback)
         return (x + 1) / 2
 
-    def _log_prob(self, x: Tensor, *, labels: Tensor | None) -> Tensor:
+    def _log_prob(self, x: Tensor, *, labels: Tensor | None, callback: StepCallback | None
+                  ) -> Tensor:
         return -self.energy(x * 2 - 1)

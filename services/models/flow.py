@@ -40,6 +40,7 @@ from services.models.base import (
     StepCallback,
 )
 
+_DENSITY_ROWS = 8192  # rows per density evaluation when scoring (bounds memory)
 
 @dataclass(frozen=True)
 class FlowConfig(ModelConfig):
@@ -69,7 +70,7 @@ class FlowModel(GenerativeModel):
     }
     score_options = {
         "samples": OptionSpec("int", 8, "dequantisation samples S (tighter bound)", min=1,
-                              max=1024),
+                              max=1024, cost=True),
     }
     train_defaults = {"lr": 1e-3, "batch_size": 128, "epochs": 100, "weight_decay": 1e-5,
                       "grad_clip": 5.0, "select_best": True, "val_every": 5,
@@ -143,34 +144,45 @@ class FlowModel(GenerativeModel):
         z = noise.randn(self.num_dims) * temperature  # (B, D)
         if self.cfg.num_classes and labels is None:
             labels = noise.categorical(self.class_prior.expand(len(noise), -1))
-        out = self._decode(z.view(-1, *self.data_shape), labels=labels, temperature=temperature)
+        out = self._decode(z.view(-1, *self.data_shape), labels=labels, callback=None,
+                           temperature=temperature)
         self._step(callback, 1, 1)
         return out
 
-    def _encode(self, x: Tensor, *, labels: Tensor | None, temperature: float) -> Tensor:
+    def _encode(self, x: Tensor, *, labels: Tensor | None, callback: StepCallback | None,
+                temperature: float) -> Tensor:
         k = self.to_levels(x).flatten(1).float()
         s, _ = self._to_logit((k + 0.5) / self.config.levels)  # bin centres
         return self.flow(self._context(labels)).transform(s).view(-1, *self.data_shape)
 
-    def _decode(self, z: Tensor, *, labels: Tensor | None, temperature: float) -> Tensor:
+    def _decode(self, z: Tensor, *, labels: Tensor | None, callback: StepCallback | None,
+                temperature: float) -> Tensor:
         s = self.flow(self._context(labels)).transform.inv(z.flatten(1))
         return self._levels_from_y(self._from_logit(s))
 
-    def _log_prob(self, x: Tensor, *, labels: Tensor | None, samples: int) -> Tensor:
+    def _log_prob(self, x: Tensor, *, labels: Tensor | None, callback: StepCallback | None,
+                  samples: int) -> Tensor:
         levels = self.config.levels
         k = self.to_levels(x).flatten(1).float()  # (B, D)
         gen = torch.Generator().manual_seed(0)
         u = torch.rand((samples, *k.shape), generator=gen).to(k.device)  # (S, B, D)
-        y = ((k + u) / levels).flatten(0, 1)  # (S*B, D)
         b = k.shape[0]
-        if labels is not None or not self.cfg.num_classes:
-            rep = None if labels is None else labels.repeat(samples)
-            log_py = self.log_density(y, rep).view(samples, b)  # (S, B)
-        else:  # exact class marginal of the density: log sum_c pi_c p(y | c)
-            per_class = torch.stack([
-                self.log_density(y, torch.full((samples * b,), c, device=y.device))
-                for c in range(self.cfg.num_classes)
-            ], dim=1)  # (S*B, K)
-            log_py = torch.logsumexp(per_class + self.class_prior.log(), 1).view(samples, b)
+        per_pass = max(1, _DENSITY_ROWS // b)  # dequantisation samples per pass: bounded memory
+        parts = []
+        for lo in range(0, samples, per_pass):
+            n = min(per_pass, samples - lo)
+            y = ((k + u[lo:lo + n]) / levels).flatten(0, 1)  # (S'*B, D)
+            if labels is not None or not self.cfg.num_classes:
+                rep = None if labels is None else labels.repeat(n)
+                parts.append(self.log_density(y, rep).view(n, b))  # (S', B)
+            else:  # exact class marginal of the density: log sum_c pi_c p(y | c)
+                cols = []
+                for c in range(self.cfg.num_classes):
+                    cols.append(self.log_density(y, torch.full((n * b,), c, device=y.device)))
+                    self._step(callback, lo + n, samples)
+                per_class = torch.stack(cols, dim=1)  # (S'*B, K)
+                parts.append(torch.logsumexp(per_class + self.class_prior.log(), 1).view(n, b))
+            self._step(callback, lo + n, samples)
+        log_py = torch.cat(parts)  # (S, B)
         bound = torch.logsumexp(log_py, dim=0) - math.log(samples)
         return bound - self.num_dims * math.log(levels)

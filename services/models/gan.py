@@ -177,7 +177,8 @@ class GANModel(GenerativeModel):
         self._step(callback, 1, 1)
         return out
 
-    def _decode(self, z: Tensor, *, labels: Tensor | None, truncation: float) -> Tensor:
+    def _decode(self, z: Tensor, *, labels: Tensor | None, callback: StepCallback | None,
+                truncation: float) -> Tensor:
         if self.config.num_classes and labels is None:
             raise InvalidArgument("labels", "this GAN is class-conditional: decode needs labels")
         return self.generator(z, labels)

@@ -31,6 +31,7 @@ from services.models.base import (
     StepCallback,
 )
 
+_DECODE_ROWS = 4096  # latents per decoder pass when scoring (bounds memory)
 
 @dataclass(frozen=True)
 class VAEConfig(ModelConfig):
@@ -61,7 +62,8 @@ class VAEModel(GenerativeModel):
     score_options = {
         "bound": OptionSpec("str", "iwae", "elbo or the importance-weighted bound",
                             choices=("elbo", "iwae")),
-        "samples": OptionSpec("int", 64, "importance samples S (iwae)", min=1, max=4096),
+        "samples": OptionSpec("int", 64, "importance samples S (iwae)", min=1, max=4096,
+                              cost=True),
     }
     train_defaults = {"lr": 1e-3, "batch_size": 64, "epochs": 150, "weight_decay": 1e-4,
                       "val_every": 5, "select_best": True, "ema_decay": 0.995}
@@ -195,22 +197,27 @@ class VAEModel(GenerativeModel):
         per_class = self._per_class_bound(x, "elbo", 1)  # (B, K)
         return per_class.argmax(1)
 
-    def _encode(self, x: Tensor, *, labels: Tensor | None, temperature: float,
-                output: str) -> Tensor:
+    def _encode(self, x: Tensor, *, labels: Tensor | None, callback: StepCallback | None,
+                temperature: float, output: str) -> Tensor:
         labels = self._labels_or_argmax(x, labels)
         mu, _ = self._posterior(x, self._onehot(labels, x.shape[0], x.device))
         return mu
 
-    def _decode(self, z: Tensor, *, labels: Tensor | None, temperature: float,
-                output: str) -> Tensor:
+    def _decode(self, z: Tensor, *, labels: Tensor | None, callback: StepCallback | None,
+                temperature: float, output: str) -> Tensor:
         if self.config.num_classes and labels is None:
             labels = self.class_prior.argmax().expand(z.shape[0])
         return self._decode_output(self._logits(z, self._onehot(labels, len(z), z.device)),
                                    "mode" if output == "sample" else output, None)
 
     # ------------------------------------------------------------------ scoring
-    def _bound(self, x: Tensor, labels: Tensor | None, bound: str, samples: int) -> Tensor:
-        """ELBO or IWAE bound on log p(x | labels), nats, (B,)."""
+    def _bound(self, x: Tensor, labels: Tensor | None, bound: str, samples: int,
+               callback: StepCallback | None = None) -> Tensor:
+        """ELBO or IWAE bound on log p(x | labels), nats, (B,).
+
+        The decoder runs on at most ``_DECODE_ROWS`` latents at a time, so memory does not
+        grow with S; ``callback`` is called after each such pass.
+        """
         b = x.shape[0]
         y = self._onehot(labels, b, x.device)
         mu, logvar = self._posterior(x, y)
@@ -220,9 +227,15 @@ class VAEModel(GenerativeModel):
         eps = torch.randn((s, *mu.shape), generator=gen).to(x.device)  # (S, B, Z)
         std = (0.5 * logvar).exp()
         z = mu + eps * std
-        flat_z = z.reshape(s * b, -1)
-        logits = self._logits(flat_z, y.repeat(s, 1))
-        log_px = self._log_px_given_z(logits, levels.repeat(s, 1, 1, 1)).view(s, b)
+        per_pass = max(1, _DECODE_ROWS // b)  # importance samples per decoder pass
+        parts = []
+        for lo in range(0, s, per_pass):
+            zs = z[lo:lo + per_pass]  # (S', B, Z)
+            n = zs.shape[0]
+            logits = self._logits(zs.reshape(n * b, -1), y.repeat(n, 1))
+            parts.append(self._log_px_given_z(logits, levels.repeat(n, 1, 1, 1)).view(n, b))
+            self._step(callback, min(lo + per_pass, s), s)
+        log_px = torch.cat(parts)  # (S, B)
         p_mu, p_logvar = self._prior(labels, b, x.device)
         if bound == "elbo":
             return log_px[0] - self._kl(mu, logvar, p_mu, p_logvar)
@@ -231,15 +244,18 @@ class VAEModel(GenerativeModel):
         log_qz = (-0.5 * eps**2 - 0.5 * math.log(2 * math.pi) - 0.5 * logvar).sum(-1)
         return torch.logsumexp(log_px + log_pz - log_qz, dim=0) - math.log(s)
 
-    def _per_class_bound(self, x: Tensor, bound: str, samples: int) -> Tensor:
+    def _per_class_bound(self, x: Tensor, bound: str, samples: int,
+                         callback: StepCallback | None = None) -> Tensor:
         k = self.config.num_classes
-        cols = [self._bound(x, torch.full((x.shape[0],), c, device=x.device), bound, samples)
+        cols = [self._bound(x, torch.full((x.shape[0],), c, device=x.device), bound, samples,
+                            callback)
                 for c in range(k)]
         return torch.stack(cols, dim=1)  # (B, K)
 
-    def _log_prob(self, x: Tensor, *, labels: Tensor | None, bound: str, samples: int) -> Tensor:
+    def _log_prob(self, x: Tensor, *, labels: Tensor | None, callback: StepCallback | None,
+                  bound: str, samples: int) -> Tensor:
         if labels is not None or not self.config.num_classes:
-            return self._bound(x, labels, bound, samples)
+            return self._bound(x, labels, bound, samples, callback)
         # log sum_c pi_c p(x|c) >= logsumexp_c (log pi_c + bound_c): still a lower bound
-        per_class = self._per_class_bound(x, bound, samples)
+        per_class = self._per_class_bound(x, bound, samples, callback)
         return torch.logsumexp(per_class + self.class_prior.log(), dim=1)

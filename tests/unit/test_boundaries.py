@@ -1,4 +1,5 @@
-"""Dependency direction: model code imports neither ray nor grpc (DESIGN.md §2)."""
+"""Dependency direction: model code imports neither ray nor grpc (DESIGN.md §2); it may use
+core's errors and option specs (pure Python, shared with the gateway's validation)."""
 
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def test_model_files_import_no_ray_grpc_or_upper_layers() -> None:
         for name in _imports(path):
             assert not name.startswith(FORBIDDEN), f"{path.name} imports {name}"
             if name.startswith("services."):
-                assert name.startswith(("services.models", "services.core.errors")), name
+                assert name.startswith(("services.models", "services.core.errors",
+                                        "services.core.options")), name
 
 
 def test_importing_every_family_loads_no_ray_or_grpc() -> None:
@@ -68,3 +70,14 @@ def test_only_the_gateway_imports_generated_protobuf_code() -> None:
     offenders = {p for p in _modules_importing(("services.gateway.pb",))
                  if not p.startswith("services/gateway/")}
     assert not offenders, offenders
+
+
+def test_core_options_and_validation_import_nothing_heavy() -> None:
+    """The validation every request goes through runs in the gateway: no torch, ray, grpc."""
+    code = (
+        "import sys\n"
+        "import services.core.validation, services.core.options\n"
+        "bad = [m for m in sys.modules if m.split('.')[0] in ('torch', 'ray', 'grpc')]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -61,7 +61,7 @@ class OptionValue(_message.Message):
     def __init__(self, number: _Optional[float] = ..., text: _Optional[str] = ..., flag: _Optional[bool] = ...) -> None: ...
 
 class OptionInfo(_message.Message):
-    __slots__ = ("name", "kind", "default_value", "min", "max", "choices", "help")
+    __slots__ = ("name", "kind", "default_value", "min", "max", "choices", "help", "multiplies_work")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_VALUE_FIELD_NUMBER: _ClassVar[int]
@@ -69,6 +69,7 @@ class OptionInfo(_message.Message):
     MAX_FIELD_NUMBER: _ClassVar[int]
     CHOICES_FIELD_NUMBER: _ClassVar[int]
     HELP_FIELD_NUMBER: _ClassVar[int]
+    MULTIPLIES_WORK_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     default_value: OptionValue
@@ -76,10 +77,11 @@ class OptionInfo(_message.Message):
     max: float
     choices: _containers.RepeatedScalarFieldContainer[str]
     help: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., default_value: _Optional[_Union[OptionValue, _Mapping]] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., choices: _Optional[_Iterable[str]] = ..., help: _Optional[str] = ...) -> None: ...
+    multiplies_work: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., default_value: _Optional[_Union[OptionValue, _Mapping]] = ..., min: _Optional[float] = ..., max: _Optional[float] = ..., choices: _Optional[_Iterable[str]] = ..., help: _Optional[str] = ..., multiplies_work: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "family", "version", "capabilities", "sample_shape", "sample_dtype", "levels", "classes", "data_kind", "sampler_options", "score_options", "score_kind", "latent_shape", "max_samples_per_request", "metrics")
+    __slots__ = ("name", "family", "version", "capabilities", "sample_shape", "sample_dtype", "levels", "classes", "data_kind", "sampler_options", "score_options", "score_kind", "latent_shape", "max_samples_per_request", "metrics", "max_samples_per_stream", "max_examples_per_request", "max_work_per_request")
     class MetricsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +104,9 @@ class ModelInfo(_message.Message):
     LATENT_SHAPE_FIELD_NUMBER: _ClassVar[int]
     MAX_SAMPLES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SAMPLES_PER_STREAM_FIELD_NUMBER: _ClassVar[int]
+    MAX_EXAMPLES_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
+    MAX_WORK_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     version: int
@@ -117,7 +122,10 @@ class ModelInfo(_message.Message):
     latent_shape: _containers.RepeatedScalarFieldContainer[int]
     max_samples_per_request: int
     metrics: _containers.ScalarMap[str, float]
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., version: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., sample_shape: _Optional[_Iterable[int]] = ..., sample_dtype: _Optional[_Union[DType, str]] = ..., levels: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., data_kind: _Optional[str] = ..., sampler_options: _Optional[_Iterable[_Union[OptionInfo, _Mapping]]] = ..., score_options: _Optional[_Iterable[_Union[OptionInfo, _Mapping]]] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., latent_shape: _Optional[_Iterable[int]] = ..., max_samples_per_request: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    max_samples_per_stream: int
+    max_examples_per_request: int
+    max_work_per_request: int
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., version: _Optional[int] = ..., capabilities: _Optional[_Iterable[str]] = ..., sample_shape: _Optional[_Iterable[int]] = ..., sample_dtype: _Optional[_Union[DType, str]] = ..., levels: _Optional[int] = ..., classes: _Optional[_Iterable[str]] = ..., data_kind: _Optional[str] = ..., sampler_options: _Optional[_Iterable[_Union[OptionInfo, _Mapping]]] = ..., score_options: _Optional[_Iterable[_Union[OptionInfo, _Mapping]]] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., latent_shape: _Optional[_Iterable[int]] = ..., max_samples_per_request: _Optional[int] = ..., metrics: _Optional[_Mapping[str, float]] = ..., max_samples_per_stream: _Optional[int] = ..., max_examples_per_request: _Optional[int] = ..., max_work_per_request: _Optional[int] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
