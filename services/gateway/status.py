@@ -1,13 +1,17 @@
-"""The one table from genfleet's errors to gRPC status codes (DESIGN.md §4).
+"""The one table from genfleet's errors to gRPC status codes (DESIGN.md §4), and the one
+function every RPC aborts through.
 
 Anything not in the table is INTERNAL: the traceback goes to the log with a request id,
-the client gets only that id.
+the client gets only that id. A ``Retryable`` error (queue full, no replica yet) carries
+its retry delay in the ``grpc-retry-pushback-ms`` trailer (the name gRPC's retry design
+uses); a client retries only statuses that carry it, or UNAVAILABLE from the transport.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
+from typing import NamedTuple
 
 import grpc
 
@@ -16,16 +20,19 @@ from services.core.errors import (
     CheckpointError,
     DataError,
     DeadlineExceeded,
-    GenfleetError,
+    Internal,
     InvalidArgument,
     ModelNotFound,
     ModelNotReady,
     Overloaded,
+    Retryable,
     Unauthenticated,
     UnsupportedOperation,
 )
 
 log = logging.getLogger("genfleet.gateway")
+PUSHBACK = "grpc-retry-pushback-ms"
+MAX_MESSAGE = 1000  # characters of a status message: a hostile input is never echoed whole
 
 STATUS: dict[type[Exception], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -37,17 +44,40 @@ STATUS: dict[type[Exception], grpc.StatusCode] = {
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     Cancelled: grpc.StatusCode.CANCELLED,
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    CheckpointError: grpc.StatusCode.INTERNAL,
+    Internal: grpc.StatusCode.INTERNAL,  # its message already names a logged request id
 }
 
 
-def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """The status code and the client-facing message for ``exc``."""
-    for klass in type(exc).__mro__:
-        code = STATUS.get(klass)
-        if code is not None and code != grpc.StatusCode.INTERNAL:
-            return code, str(exc)
+class Status(NamedTuple):
+    code: grpc.StatusCode
+    message: str
+    retry_after_s: float | None  # set: the client may retry after this delay
+
+    def trailers(self) -> tuple[tuple[str, str], ...]:
+        if self.retry_after_s is None:
+            return ()
+        return ((PUSHBACK, str(max(0, round(1000 * self.retry_after_s)))),)
+
+
+def status_of(exc: BaseException) -> Status:
+    """The status code, client-facing message and retry delay for ``exc``."""
+    if not isinstance(exc, CheckpointError):  # its message holds server paths: logged only
+        for klass in type(exc).__mro__:
+            code = STATUS.get(klass)
+            if code is not None:
+                message = str(exc)
+                if len(message) > MAX_MESSAGE:
+                    message = f"{message[:MAX_MESSAGE]}... (cut)"
+                retry = exc.retry_after_s if isinstance(exc, Retryable) else None
+                return Status(code, message, retry)
     request_id = uuid.uuid4().hex[:12]
     log.error("internal error, request id %s", request_id, exc_info=exc)
-    kind = "checkpoint error" if isinstance(exc, GenfleetError) else "internal error"
-    return grpc.StatusCode.INTERNAL, f"{kind}; request id {request_id} (see the gateway log)"
+    kind = "checkpoint error" if isinstance(exc, CheckpointError) else "internal error"
+    return Status(grpc.StatusCode.INTERNAL,
+                  f"{kind}; request id {request_id} (see the gateway log)", None)
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
+    """End the RPC with the status of ``exc`` (raises, as ``context.abort`` does)."""
+    status = status_of(exc)
+    await context.abort(status.code, status.message, trailing_metadata=status.trailers())

@@ -64,13 +64,16 @@ class Directory:
 
 
 def pin_versions(config: ServeConfig, store: ModelStore) -> ServeConfig:
-    """Resolve every unpinned version to the store's latest, so that replicas started
-    later (scale-up, restarts) serve the same version as the others."""
+    """Resolve every unpinned version to the store's latest intact one, so that replicas
+    started later (scale-up, restarts) serve the same version as the others.
+
+    Raises:
+        ModelNotFound: a model or pinned version is not in the store.
+        CheckpointError: a pinned version is broken (it is never served).
+    """
     for model in config.models.values():
-        if model.version is None:
-            _, model.version = store.resolve(model.name)
-        else:
-            store.resolve(f"{model.name}@{model.version}")  # raises ModelNotFound
+        ref = model.name if model.version is None else f"{model.name}@{model.version}"
+        model.version = store.verify(ref).version
     return config
 
 
@@ -88,7 +91,7 @@ def build_app(config: ServeConfig, store: ModelStore) -> serve.Application:
         )
         bound[m.name] = deployment.bind(
             m.name, str(store.root), device=m.device, autocast=m.autocast, threads=m.threads,
-            max_samples_per_request=m.max_samples_per_request)
+            limits=dict(m.limits))
     app: serve.Application = cast(Any, Directory).bind(bound)
     return app
 
@@ -261,7 +264,8 @@ def rollout(store: ModelStore, name: str, version: int | None,
     ``batching`` changes the dynamic-batching settings the same way (no restart)."""
     config = load_state(store, app_name)
     model = config.model(name)
-    model.version = store.resolve(name if version is None else f"{name}@{version}")[1]
+    # a broken version is refused here, while the replicas keep serving the old one
+    model.version = store.verify(name if version is None else f"{name}@{version}").version
     model.batching = {**model.batching, **(batching or {})}
     model.validate()
     deploy(config, store)

@@ -4,11 +4,17 @@ failures turned into genfleet's errors (DESIGN.md §4, §7).
 - The client's deadline is enforced here: when it passes, the handle's response is
   cancelled (the replica's token stops the sampler) and DeadlineExceeded is raised.
 - ``BackPressureError`` (``max_queued_requests`` reached) -> Overloaded.
-- A replica that died or is not there yet -> ModelNotReady. Every call is a pure function
-  of its request (seeded sampling), so it is retried on another replica while time is left.
+- No replica there yet (starting, restarting) -> waited for with backoff while the
+  deadline allows, then ModelNotReady (UNAVAILABLE, with a retry delay for the client).
+- A replica that died while it held a call: every call is a pure function of its request
+  (seeded sampling), so it is retried once, on another replica or the restarted one. A
+  call during which a second replica dies is not retried again (a poison request must not
+  walk through the fleet): it fails with INTERNAL and a log line naming its request id.
 - Generate requests are coalesced per model (``services.serving.coalesce``) with the
   deployment's own dynamic-batching settings, read from a replica and cached for
-  ``info_ttl_s``: one Ray call per group instead of one per request.
+  ``info_ttl_s``: one Ray call per group instead of one per request. A group that fails
+  (a replica died holding it, or anything unexpected) is sent again one request at a
+  time, each in a forward pass of its own, so that only a request that fails alone fails.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from typing import Any
 
 from ray import serve
@@ -28,20 +35,41 @@ from ray.serve.exceptions import (
 )
 from ray.serve.handle import DeploymentHandle
 
-from services.core import api
-from services.core.errors import DeadlineExceeded, ModelNotReady, Overloaded
+from services.core import api, validation
+from services.core.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    Internal,
+    ModelNotReady,
+    Overloaded,
+)
 from services.serving.backends import BaseBackend
 from services.serving.coalesce import Coalescer
+from services.serving.server import failure
 
 log = logging.getLogger("genfleet.backend")
-_UNAVAILABLE = (RayActorError, ActorUnavailableError, DeploymentUnavailableError,
-                ReplicaUnavailableError)
+# no replica to take the call right now (not started, restarting, unreachable for a moment)
+_NO_REPLICA = (ActorUnavailableError, DeploymentUnavailableError, ReplicaUnavailableError)
+# these fail every request of a coalesced group alike: no point in retrying one by one
+_GROUP_WIDE = (Overloaded, DeadlineExceeded, Cancelled, ModelNotReady)
+
+
+class ReplicaDied(Internal):
+    """A replica died while it held this call, and the call may not be retried again."""
+
+    @classmethod
+    def twice(cls, name: str, method: str, exc: BaseException) -> ReplicaDied:
+        request_id = uuid.uuid4().hex[:12]
+        log.error("request %s: a replica of %s died while it ran %s, on the retry too (%s); "
+                  "not retried again", request_id, name, method, type(exc).__name__)
+        return cls(f"a replica of {name} died while running this request, and again on its "
+                   f"retry; it is not retried again (request id {request_id})")
 
 
 class ServeBackend(BaseBackend):
     """Calls the model deployments of the Serve application ``app_name``."""
 
-    def __init__(self, app_name: str = "genfleet", *, retries: int = 2,
+    def __init__(self, app_name: str = "genfleet", *, retries: int = 5,
                  info_ttl_s: float = 2.0) -> None:
         self.app_name = app_name
         self.retries = retries
@@ -58,7 +86,7 @@ class ServeBackend(BaseBackend):
             try:
                 directory = serve.get_app_handle(self.app_name)
                 self._names = list(await directory.list.remote())
-            except _UNAVAILABLE as exc:
+            except (RayActorError, *_NO_REPLICA) as exc:
                 raise ModelNotReady(f"the {self.app_name} application is not ready") from exc
             except (ValueError, RuntimeError) as exc:  # app not deployed
                 raise ModelNotReady(f"the {self.app_name} application is not running") from exc
@@ -100,6 +128,7 @@ class ServeBackend(BaseBackend):
     # ----------------------------------------------------------------- calls
     async def generate(self, request: api.GenerateRequest) -> api.GenerateResult:
         info = await self.resolve(request.model)
+        request = validation.check_generate(request, info)  # before it joins a group
         max_size, wait_s = await self.batching(info.name)
         if max_size <= 1:  # batching off: every request alone, no coalescing either
             alone: api.GenerateResult = await self._call(info.name, "generate", request,
@@ -108,11 +137,7 @@ class ServeBackend(BaseBackend):
         coalescer = self.coalescers.get(info.name)
         if coalescer is None:
             async def send(group: list[api.GenerateRequest], name: str = info.name) -> list[Any]:
-                deadlines = [r.deadline for r in group]
-                deadline = None if None in deadlines else max(d for d in deadlines if d)
-                results: list[Any] = await self._call(name, "generate_batch", group, deadline,
-                                                      unwrap=False)
-                return results
+                return await self._send_group(name, group)
             coalescer = self.coalescers[info.name] = Coalescer(send)
         timeout = None if request.deadline is None else max(0.0, request.deadline - time.time())
         try:
@@ -122,13 +147,43 @@ class ServeBackend(BaseBackend):
         generated: api.GenerateResult = api.unwrap(result)
         return generated
 
+    async def _send_group(self, name: str, group: list[api.GenerateRequest]) -> list[Any]:
+        """One coalesced group -> one result (or ErrorResult) per request, in order."""
+        deadlines = [r.deadline for r in group]
+        deadline = None if None in deadlines else max(d for d in deadlines if d)
+        try:
+            results: list[Any] = await self._call(name, "generate_batch", group, deadline,
+                                                  unwrap=False, deaths_allowed=0)
+            return results
+        except _GROUP_WIDE:
+            raise
+        except Exception as exc:  # a replica died holding the group, or a bug: one by one
+            died = isinstance(exc, ReplicaDied)
+            log.warning("%s: a group of %d requests failed (%s); sending each on its own",
+                        name, len(group), type(exc).__name__)
+            return list(await asyncio.gather(*(self._send_alone(name, r, died) for r in group)))
+
+    async def _send_alone(self, name: str, request: api.GenerateRequest, died: bool) -> Any:
+        """``request`` in a forward pass of its own; ``died``: a replica already died while
+        it held this request, so a second death fails it."""
+        try:
+            results = await self._call(name, "generate_batch", [request], request.deadline,
+                                       unwrap=False, deaths_allowed=0 if died else 1,
+                                       isolated=True)
+            return results[0]
+        except Exception as exc:
+            return failure(exc, f"{name}.generate")
+
     async def _call(self, name: str, method: str, request: Any, deadline: float | None, *,
-                    unwrap: bool = True) -> Any:
-        attempt = 0
+                    unwrap: bool = True, deaths_allowed: int = 1, isolated: bool = False) -> Any:
+        """``method`` of a replica of ``name``; ``deaths_allowed``: replica deaths during
+        this call that are retried; ``isolated``: pass ``isolated=True`` (generate_batch)."""
+        deaths = waits = 0
         while True:
             handle = self._handle(name)
-            response = getattr(handle, method).remote(request) if request is not None \
-                else getattr(handle, method).remote()
+            call = getattr(handle, method)
+            args = () if request is None else (request, True) if isolated else (request,)
+            response = call.remote(*args)
             timeout = None if deadline is None else max(0.0, deadline - time.time())
             try:
                 result = await asyncio.wait_for(response, timeout=timeout)
@@ -142,13 +197,22 @@ class ServeBackend(BaseBackend):
                 raise Overloaded(f"{name} is at its queue limit; retry with backoff") from exc
             except RequestCancelledError as exc:
                 raise DeadlineExceeded(f"{name}.{method} was cancelled") from exc
-            except _UNAVAILABLE as exc:
-                attempt += 1
-                time_left = deadline is None or deadline - time.time() > 0.5
-                if attempt > self.retries or not time_left:
-                    raise ModelNotReady(f"no replica of {name} is available ({type(exc).__name__})"
-                                        ) from exc
-                log.warning("%s.%s: replica unavailable, retrying (%d)", name, method, attempt)
-                await asyncio.sleep(0.2 * attempt)
+            except _NO_REPLICA as exc:
+                waits += 1
+                pause = min(1.0, 0.1 * 2 ** waits)
+                in_time = deadline is None or deadline - time.time() > pause + 0.1
+                if waits > self.retries or not in_time:
+                    raise ModelNotReady(f"no replica of {name} is available now "
+                                        f"({type(exc).__name__}); retry shortly") from exc
+                log.warning("%s.%s: no replica available, waiting (%d)", name, method, waits)
+                await asyncio.sleep(pause)
+                continue
+            except RayActorError as exc:  # the replica died while it held this call
+                deaths += 1
+                if deaths > deaths_allowed:
+                    raise ReplicaDied.twice(name, method, exc) from exc
+                log.warning("%s.%s: the replica died during the call; retrying it once",
+                            name, method)
+                await asyncio.sleep(0.2)
                 continue
             return api.unwrap(result) if unwrap else result

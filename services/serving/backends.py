@@ -9,15 +9,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from services.core import api
+from services.core import api, validation
 from services.core.errors import DeadlineExceeded, ModelNotFound
 from services.core.store import parse_ref
 from services.serving.server import CancelToken, ModelServer
 
 
 class BaseBackend:
-    """Resolution of ``name[@version]`` and the typed calls; subclasses provide
-    ``model_names``, ``info``, ``healthy`` and ``_call``."""
+    """Resolution of ``name[@version]``, validation (``services.core.validation``, before
+    any work or coalescing) and the typed calls; subclasses provide ``model_names``,
+    ``info``, ``healthy`` and ``_call``."""
 
     async def model_names(self, refresh: bool = False) -> list[str]:
         raise NotImplementedError
@@ -53,24 +54,36 @@ class BaseBackend:
                                     f"version {version} is not being served")
         return info
 
+    async def open_stream(self, request: api.GenerateRequest, chunk: int | None
+                          ) -> tuple[api.GenerateRequest, int]:
+        """Validate a GenerateStream as a whole (its total against ``max_samples_per_stream``)
+        before its first chunk; returns the checked request and the chunk size."""
+        info = await self.resolve(request.model)
+        chunk = chunk or min(info.limits.max_samples_per_request, 16)
+        return validation.check_generate(request, info, chunk=chunk), chunk
+
     async def generate(self, request: api.GenerateRequest) -> api.GenerateResult:
         info = await self.resolve(request.model)
+        request = validation.check_generate(request, info)
         result: api.GenerateResult = await self._call(info.name, "generate", request,
                                                       request.deadline)
         return result
 
     async def score(self, request: api.ScoreRequest) -> api.ScoreResult:
         info = await self.resolve(request.model)
+        request = validation.check_score(request, info)
         result: api.ScoreResult = await self._call(info.name, "score", request, request.deadline)
         return result
 
     async def encode(self, request: api.EncodeRequest) -> api.EncodeResult:
         info = await self.resolve(request.model)
+        request = validation.check_encode(request, info)
         result: api.EncodeResult = await self._call(info.name, "encode", request, request.deadline)
         return result
 
     async def decode(self, request: api.DecodeRequest) -> api.DecodeResult:
         info = await self.resolve(request.model)
+        request = validation.check_decode(request, info)
         result: api.DecodeResult = await self._call(info.name, "decode", request, request.deadline)
         return result
 
@@ -98,11 +111,14 @@ class LocalBackend(BaseBackend):
                 return server.generate_many([(request, token, time.perf_counter())])[0]
         else:
             def run() -> Any:
-                return getattr(server, method)(request)
+                return getattr(server, method)(request, token)
         timeout = None if deadline is None else max(0.0, deadline - time.time())
         try:
             result = await asyncio.wait_for(asyncio.to_thread(run), timeout)
         except TimeoutError:
-            token.cancel()
+            token.cancel()  # the worker thread's loop stops at its next iteration
             raise DeadlineExceeded(f"deadline passed while {name}.{method} ran") from None
+        except asyncio.CancelledError:
+            token.cancel()  # the caller went away
+            raise
         return api.unwrap(result)

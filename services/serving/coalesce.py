@@ -116,7 +116,7 @@ class MergingRunner(Generic[T, R]):
     def __init__(self, run: Callable[[list[T]], list[R]], max_size: Callable[[], int]) -> None:
         self._run = run
         self._max_size = max_size
-        self._queue: list[tuple[list[T], asyncio.Future[list[R]]]] = []
+        self._queue: list[tuple[list[T], asyncio.Future[list[R]], bool]] = []
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task[None] | None = None
         self.running = 0  # items in the run now computing
@@ -124,14 +124,15 @@ class MergingRunner(Generic[T, R]):
     @property
     def queued(self) -> int:
         """Items waiting for the next run."""
-        return sum(len(items) for items, _ in self._queue)
+        return sum(len(items) for items, _, _ in self._queue)
 
-    async def submit(self, items: list[T]) -> list[R]:
+    async def submit(self, items: list[T], *, alone: bool = False) -> list[R]:
+        """Run ``items`` in the next run (``alone``: in a run of their own)."""
         if self._worker is None or self._worker.done():
             self._wake = asyncio.Event()
             self._worker = asyncio.get_running_loop().create_task(self._work())
         future: asyncio.Future[list[R]] = asyncio.get_running_loop().create_future()
-        self._queue.append((items, future))
+        self._queue.append((items, future, alone))
         assert self._wake is not None
         self._wake.set()
         return await future
@@ -142,11 +143,14 @@ class MergingRunner(Generic[T, R]):
             await self._wake.wait()
             self._wake.clear()
             while self._queue:
-                taken = [self._queue.pop(0)]
-                total, limit = len(taken[0][0]), max(1, self._max_size())
-                while self._queue and total + len(self._queue[0][0]) <= limit:
-                    total += len(self._queue[0][0])
-                    taken.append(self._queue.pop(0))
+                first, first_future, alone = self._queue.pop(0)
+                taken = [(first, first_future)]
+                total, limit = len(first), max(1, self._max_size())
+                while (not alone and self._queue and not self._queue[0][2]
+                       and total + len(self._queue[0][0]) <= limit):
+                    items, future, _ = self._queue.pop(0)
+                    total += len(items)
+                    taken.append((items, future))
                 taken = [(items, f) for items, f in taken if not f.done()]
                 if not taken:
                     continue

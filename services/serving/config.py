@@ -7,6 +7,7 @@ edit and re-apply, so a later change never reverts an earlier one.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,14 +15,16 @@ from typing import Any
 
 import yaml
 
+from services.core.api import Limits
 from services.core.errors import InvalidArgument
 from services.core.store import check_name
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "cluster" / "configs" / "serve.yaml"
 
-_MODEL_KEYS = {"device", "autocast", "threads", "max_samples_per_request", "max_ongoing_requests",
+_MODEL_KEYS = {"device", "autocast", "threads", "limits", "max_ongoing_requests",
                "max_queued_requests", "autoscaling_config", "ray_actor_options", "batching",
                "version"}
+_LIMIT_KEYS = {f.name for f in dataclasses.fields(Limits)}
 
 
 @dataclass
@@ -30,7 +33,9 @@ class ModelServeConfig:
     device: str = "auto"
     autocast: str | None = None
     threads: int = 1
-    max_samples_per_request: int = 256
+    # per-request caps (api.Limits): max_samples_per_request, max_samples_per_stream,
+    # max_examples_per_request, max_work_per_request; unset keys take Limits' defaults
+    limits: dict[str, int] = field(default_factory=dict)
     max_ongoing_requests: int = 32
     max_queued_requests: int = 64
     autoscaling_config: dict[str, Any] = field(default_factory=lambda: {
@@ -42,6 +47,15 @@ class ModelServeConfig:
 
     def validate(self) -> None:
         check_name(self.name)
+        unknown = set(self.limits) - _LIMIT_KEYS
+        if unknown:
+            raise InvalidArgument(f"{self.name}.limits", f"unknown keys {sorted(unknown)}; "
+                                                         f"known: {sorted(_LIMIT_KEYS)}")
+        try:
+            Limits(**self.limits)
+        except InvalidArgument as exc:
+            raise InvalidArgument(f"{self.name}.limits.{exc.field}",
+                                  str(exc).split(": ", 1)[1]) from None
         scaling = self.autoscaling_config
         lo, hi = int(scaling.get("min_replicas", 1)), int(scaling.get("max_replicas", 1))
         if not 0 <= lo <= hi or hi < 1:

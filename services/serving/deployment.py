@@ -8,14 +8,18 @@
 - A caller that goes away (the gateway cancels the response when the client's deadline
   passes) cancels its token; a group whose callers all left stops between sampler steps.
 - ``reconfigure`` (the deployment's ``user_config``) loads a checkpoint version beside the
-  one being served and swaps it in when ready: no request fails during a rollout. It also
-  sets the dynamic-batching size and wait at run time.
+  one being served and swaps it in when ready: no request fails during a rollout. A version
+  that fails to load (broken files, checksum mismatch) is not swapped in: the replica keeps
+  serving the old one and logs why. It also sets the dynamic-batching size and wait at run
+  time.
 - Every second the replica reports its load (requests waiting for a batch, requests in
   the running batch) to the app's ``Directory``, which ``genfleet status`` reads, and to
   Prometheus (``ReplicaMetrics``: queue and compute time, batch sizes, samples, sampler
   steps, queue depth; exported by Ray with a ``ray_`` prefix).
-- User errors come back as ``api.ErrorResult`` values, never as Ray exceptions, so the
-  gateway can map them to status codes without parsing Ray's wrappers.
+- Errors come back as ``api.ErrorResult`` values, never as Ray exceptions, so the gateway
+  can map them to status codes without parsing Ray's wrappers; an unexpected exception is
+  logged here with a request id and answered as Internal with that id. Score, Encode and
+  Decode run with a cancel token too: a caller that goes away stops their loops.
 """
 
 from __future__ import annotations
@@ -30,10 +34,10 @@ import torch
 from ray import serve
 
 from services.core import api
-from services.core.errors import GenfleetError, ModelNotReady
+from services.core.errors import CheckpointError, GenfleetError, ModelNotReady
 from services.serving.coalesce import MergingRunner
 from services.serving.metrics import ReplicaMetrics
-from services.serving.server import CancelToken, ModelServer
+from services.serving.server import CancelToken, ModelServer, failure
 
 log = logging.getLogger("genfleet.serving")
 T = TypeVar("T")
@@ -46,12 +50,12 @@ class ModelDeployment:
 
     def __init__(self, name: str, store_root: str, *, device: str = "auto",
                  autocast: str | None = None, threads: int = 1,
-                 max_samples_per_request: int = 256) -> None:
+                 limits: dict[str, int] | None = None) -> None:
         torch.set_num_threads(max(1, threads))  # replicas share the node's cores
         self._name = name
         self._store_root = store_root
         self._kwargs: dict[str, Any] = {"device": device, "autocast": autocast,
-                                        "max_samples_per_request": max_samples_per_request}
+                                        "limits": api.Limits(**(limits or {}))}
         self._server: ModelServer | None = None
         self._max_batch_size = 32
         self._runner: MergingRunner[Item, api.GenerateResult | api.ErrorResult] = MergingRunner(
@@ -73,8 +77,13 @@ class ModelDeployment:
             self._server.observer = self._metrics
         elif version is None or int(version) != self._server.version:
             # load beside the served version; the swap is one assignment
-            info = await asyncio.to_thread(self._server.load, version)
-            log.info("%s now serves version %d", self._name, info.version)
+            try:
+                info = await asyncio.to_thread(self._server.load, version)
+            except CheckpointError as exc:  # a broken version is never served
+                log.error("%s: rollout to version %s refused, still serving version %d: %s",
+                          self._name, version, self._server.version, exc)
+            else:
+                log.info("%s now serves version %d", self._name, info.version)
         batcher: Any = self._batched  # the @serve.batch wrapper carries its setters
         if "max_batch_size" in config:
             self._max_batch_size = max(1, int(config["max_batch_size"]))
@@ -135,14 +144,16 @@ class ModelDeployment:
         finally:
             self._ongoing -= 1
 
-    async def generate_batch(self, requests: list[api.GenerateRequest]
+    async def generate_batch(self, requests: list[api.GenerateRequest], isolated: bool = False
                              ) -> list[api.GenerateResult | api.ErrorResult]:
-        """A group coalesced by the caller; results in the same order."""
+        """A group coalesced by the caller; results in the same order. ``isolated``: run
+        these requests in a forward pass of their own, merged with no other batch (the
+        gateway's retry of a request during which a replica died)."""
         now = time.perf_counter()
         items = [(r, CancelToken(r.deadline), now) for r in requests]
         self._ongoing += len(items)
         try:
-            return await self._runner.submit(items)
+            return await self._runner.submit(items, alone=isolated)
         except asyncio.CancelledError:
             for _, token, _ in items:
                 token.cancel()
@@ -158,22 +169,26 @@ class ModelDeployment:
     def _run_batch(self, items: list[Item]) -> list[api.GenerateResult | api.ErrorResult]:
         """One forward pass (per sampler-option group) over ``items``; in a worker thread."""
         try:
-            server = self._ready()
-        except GenfleetError as exc:
-            return [api.ErrorResult.of(exc)] * len(items)
-        return server.generate_many(items)
+            return self._ready().generate_many(items)
+        except Exception as exc:  # generate_many answers per request; this is a bug
+            return [failure(exc, f"{self._name}.generate")] * len(items)
 
-    async def _call(self, fn: Callable[[Any], T], request: Any) -> T | api.ErrorResult:
+    async def _call(self, method: str, fn: Callable[[Any, CancelToken], T], request: Any
+                    ) -> T | api.ErrorResult:
+        token = CancelToken(request.deadline)
         try:
-            return await asyncio.to_thread(fn, request)
-        except GenfleetError as exc:
-            return api.ErrorResult.of(exc)
+            return await asyncio.to_thread(fn, request, token)
+        except asyncio.CancelledError:
+            token.cancel()  # the loop in the worker thread stops at its next iteration
+            raise
+        except Exception as exc:
+            return failure(exc, f"{self._name}.{method}")
 
     async def score(self, request: api.ScoreRequest) -> api.ScoreResult | api.ErrorResult:
-        return await self._call(lambda r: self._ready().score(r), request)
+        return await self._call("score", lambda r, t: self._ready().score(r, t), request)
 
     async def encode(self, request: api.EncodeRequest) -> api.EncodeResult | api.ErrorResult:
-        return await self._call(lambda r: self._ready().encode(r), request)
+        return await self._call("encode", lambda r, t: self._ready().encode(r, t), request)
 
     async def decode(self, request: api.DecodeRequest) -> api.DecodeResult | api.ErrorResult:
-        return await self._call(lambda r: self._ready().decode(r), request)
+        return await self._call("decode", lambda r, t: self._ready().decode(r, t), request)

@@ -1,10 +1,13 @@
 """What one replica does, without Ray: load a checkpoint, validate requests, run batches.
 
 ``ModelServer.generate_many`` takes the requests of one dynamic batch, validates each on
-its own (a bad request fails alone), groups the rest by sampler options and runs one
-``model.sample`` per group. Each sample's noise comes from its own (seed, index) stream,
-so a result does not depend on its batch-mates. A group stops between sampler steps when
-every caller in it has cancelled or passed its deadline.
+its own (``services.core.validation``; a bad request fails alone), groups the rest by
+sampler options and runs one ``model.sample`` per group. Each sample's noise comes from
+its own (seed, index) stream, so a result does not depend on its batch-mates. A group
+stops between sampler steps when every caller in it has cancelled or passed its deadline.
+A group that fails for any other reason (an exception in the sampler, out of memory) is
+run again one request at a time, so that only the request that fails alone fails, with
+INTERNAL and a request id that names the log line holding the traceback.
 
 A new checkpoint version is loaded beside the old one and swapped in atomically: a
 batch that started on the old version finishes on it.
@@ -13,10 +16,12 @@ batch that started on the old version finishes on it.
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 import time
+import uuid
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -24,13 +29,20 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from services.core import api
+from services.core import api, validation
 from services.core.data import decode_text, to_png
-from services.core.errors import Cancelled, DeadlineExceeded, GenfleetError, InvalidArgument
+from services.core.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    GenfleetError,
+    Internal,
+    InvalidArgument,
+)
+from services.core.options import OptionSpec
 from services.core.store import Checkpoint, ModelStore, load_model
-from services.models import GenerativeModel, OptionSpec, sample_seeds
+from services.models import GenerativeModel, sample_seeds
 
-MAX_SEED = 2**64 - 1
+log = logging.getLogger("genfleet.serving")
 
 
 class BatchObserver(Protocol):
@@ -66,18 +78,36 @@ def _stopped_error(tokens: Sequence[CancelToken], when: str) -> GenfleetError:
     return Cancelled(f"every caller cancelled or passed its deadline {when}")
 
 
+def failure(exc: BaseException, what: str) -> api.ErrorResult:
+    """The ErrorResult a caller gets for ``exc``: a user error as it is; anything else is
+    logged here with its traceback and a request id, and answered as Internal with that id."""
+    if isinstance(exc, GenfleetError):
+        return api.ErrorResult.of(exc)
+    request_id = uuid.uuid4().hex[:12]
+    log.error("%s failed, request id %s", what, request_id, exc_info=exc)
+    return api.ErrorResult.of(Internal(f"{what} failed: internal error; request id {request_id} "
+                                       f"(see the replica log)"))
+
+
+def stop_callback(tokens: Sequence[CancelToken]) -> Callable[[int, int], None]:
+    """A sampler callback that aborts once every token has stopped."""
+    def callback(step: int, total: int) -> None:
+        if all(t.stopped for t in tokens):
+            raise _stopped_error(tokens, f"at step {step} of {total}")
+    return callback
+
+
 def pick_device(device: str = "auto") -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
 
 
-def _option_info(name: str, spec: OptionSpec) -> api.OptionInfo:
-    return api.OptionInfo(name=name, kind=spec.kind, default=spec.default, help=spec.help,
-                          min=spec.min, max=spec.max, choices=spec.choices)
+def _options(specs: dict[str, OptionSpec]) -> tuple[api.OptionInfo, ...]:
+    return tuple(api.OptionInfo(name, spec) for name, spec in specs.items())
 
 
-def model_info(model: GenerativeModel, meta: Checkpoint, max_samples: int) -> api.ModelInfo:
+def model_info(model: GenerativeModel, meta: Checkpoint, limits: api.Limits) -> api.ModelInfo:
     """The ListModels view of a loaded model."""
     latent = model.latent_shape
     return api.ModelInfo(
@@ -87,11 +117,11 @@ def model_info(model: GenerativeModel, meta: Checkpoint, max_samples: int) -> ap
         sample_dtype="int64" if model.data_dtype == torch.int64 else "float32",
         levels=model.config.levels, classes=tuple(meta.data.get("classes", [])),
         data_kind=meta.data.get("kind", "image"),
-        sampler_options=tuple(_option_info(n, s) for n, s in model.option_specs().items()),
-        score_options=tuple(_option_info(n, s) for n, s in model.score_options.items()),
+        sampler_options=_options(model.option_specs()),
+        score_options=_options(model.score_options),
         score_kind=model.score_kind.value if model.score_kind else None,
         latent_shape=tuple(latent) if latent is not None else None,
-        max_samples_per_request=max_samples,
+        limits=limits,
         metrics={k: float(v) for k, v in meta.metrics.items()
                  if isinstance(v, int | float) and not isinstance(v, bool)},
     )
@@ -113,7 +143,7 @@ class ModelServer:
 
     def __init__(self, store_root: str | Path, name: str, version: int | None = None, *,
                  device: str = "auto", autocast: str | None = None,
-                 max_samples_per_request: int = 256, max_batch_samples: int = 1024,
+                 limits: api.Limits | None = None, max_batch_samples: int = 1024,
                  observer: BatchObserver | None = None) -> None:
         self.store = ModelStore(store_root)
         self.name = name
@@ -121,7 +151,7 @@ class ModelServer:
         if autocast not in (None, "bf16", "fp16"):
             raise InvalidArgument("autocast", "must be bf16, fp16 or empty")
         self.autocast = autocast
-        self.max_samples = max_samples_per_request
+        self.limits = limits or api.Limits()
         self.max_batch_samples = max_batch_samples
         self._state: tuple[GenerativeModel, Checkpoint, api.ModelInfo] | None = None
         self.batch_sizes: Counter[int] = Counter()  # requests per dynamic batch -> count
@@ -133,7 +163,7 @@ class ModelServer:
         """Load ``version`` (latest when None) and swap it in atomically."""
         ref = self.name if version is None else f"{self.name}@{version}"
         model, meta = load_model(self.store, ref, self.device)
-        info = model_info(model, meta, self.max_samples)
+        info = model_info(model, meta, self.limits)
         self._state = (model, meta, info)  # one reference assignment: atomic
         return info
 
@@ -156,46 +186,54 @@ class ModelServer:
             yield
 
     # ---------------------------------------------------------------- generate
-    def _prepare(self, model: GenerativeModel, index: int, req: api.GenerateRequest,
+    def _prepare(self, info: api.ModelInfo, index: int, req: api.GenerateRequest,
                  token: CancelToken, arrived: float) -> _Prepared:
-        n = req.num_samples
-        if not 1 <= n <= self.max_samples:
-            raise InvalidArgument("num_samples", f"must be in [1, {self.max_samples}], got {n}")
-        if not 0 <= req.seed <= MAX_SEED:
-            raise InvalidArgument("seed", f"must be in [0, 2^64 - 1], got {req.seed}")
-        if req.start_index < 0 or req.start_index + n > 2**62:
-            raise InvalidArgument("start_index", "must be in [0, 2^62 - num_samples]")
-        labels = None
-        if req.labels:
-            if len(req.labels) != n:
-                raise InvalidArgument("labels", f"give none or exactly num_samples={n} labels, "
-                                                f"got {len(req.labels)}")
-            labels = torch.tensor(req.labels, dtype=torch.long)
-        labels, options = model.check_sample_request(n, labels, req.options)
-        seeds = sample_seeds(req.seed, n, req.start_index)
-        return _Prepared(index, req, labels, options, seeds, token, arrived)
+        req = validation.check_generate(req, info)
+        labels = torch.tensor(req.labels, dtype=torch.long, device=self.device) \
+            if req.labels else None
+        seeds = sample_seeds(req.seed, req.num_samples, req.start_index)
+        return _Prepared(index, req, labels, req.options, seeds, token, arrived)
 
     def generate_many(self, items: Sequence[tuple[api.GenerateRequest, CancelToken, float]]
                       ) -> list[api.GenerateResult | api.ErrorResult]:
         """Run one dynamic batch; item ``i`` is (request, its cancel token, arrival time)."""
         assert self._state is not None
-        model, meta, _ = self._state  # the whole batch runs on one version
+        model, meta, info = self._state  # the whole batch runs on one version
         self.batch_sizes[len(items)] += 1
         results: list[api.GenerateResult | api.ErrorResult | None] = [None] * len(items)
         groups: dict[tuple[Any, ...], list[_Prepared]] = {}
         for i, (req, token, arrived) in enumerate(items):
             try:
-                p = self._prepare(model, i, req, token, arrived)
-            except GenfleetError as exc:
-                results[i] = api.ErrorResult.of(exc)
+                p = self._prepare(info, i, req, token, arrived)
+            except Exception as exc:  # a bad request fails alone
+                results[i] = failure(exc, f"{self.name}.generate")
                 continue
             key = (tuple(sorted(p.options.items())), p.labels is None)
             groups.setdefault(key, []).append(p)
         for group in groups.values():
-            for p, result in zip(group, self._run_group(model, meta, group), strict=True):
+            for p, result in zip(group, self._run_isolated(model, meta, group), strict=True):
                 results[p.index] = result
         assert all(r is not None for r in results)
         return results  # type: ignore[return-value]
+
+    def _run_isolated(self, model: GenerativeModel, meta: Checkpoint, group: list[_Prepared]
+                      ) -> list[api.GenerateResult | api.ErrorResult]:
+        """``_run_group``; when it fails, each request again on its own, so that a failure
+        (an exception in the sampler, running out of memory) is only its own request's."""
+        try:
+            return self._run_group(model, meta, group)
+        except Exception as exc:
+            if len(group) == 1:
+                return [failure(exc, f"{self.name}.generate")]
+            log.warning("%s: a group of %d requests failed (%s: %s); running them one by one",
+                        self.name, len(group), type(exc).__name__, str(exc)[:200])
+        out: list[api.GenerateResult | api.ErrorResult] = []
+        for p in group:
+            try:
+                out.extend(self._run_group(model, meta, [p]))
+            except Exception as exc:
+                out.append(failure(exc, f"{self.name}.generate"))
+        return out
 
     def _run_group(self, model: GenerativeModel, meta: Checkpoint, group: list[_Prepared]
                    ) -> list[api.GenerateResult | api.ErrorResult]:
@@ -205,12 +243,12 @@ class ModelServer:
             return [api.ErrorResult.of(error) for _ in group]
 
         steps = 0
+        stop = stop_callback([p.token for p in live])
 
         def callback(step: int, total: int) -> None:
             nonlocal steps
             steps += 1
-            if all(p.token.stopped for p in live):
-                raise _stopped_error([p.token for p in live], f"at sampler step {step}")
+            stop(step, total)
 
         seeds = [s for p in live for s in p.seeds]
         labels = None if live[0].labels is None else torch.cat([p.labels for p in live])  # type: ignore[misc]
@@ -223,7 +261,7 @@ class ModelServer:
                     chunks.append(model.sample(seeds[lo:hi], callback=callback,
                                                labels=None if labels is None else labels[lo:hi],
                                                **live[0].options).float().cpu())
-        except GenfleetError as exc:
+        except (Cancelled, DeadlineExceeded) as exc:  # every caller of the group has gone
             return [api.ErrorResult.of(exc) for _ in group]
         samples = torch.cat(chunks)
         finished = time.perf_counter()
@@ -265,63 +303,64 @@ class ModelServer:
         return tensor, png, text
 
     # ------------------------------------------------------------ other calls
-    def _data(self, model: GenerativeModel, data: np.ndarray, field: str) -> torch.Tensor:
-        """Request data -> the model's data convention (levels accepted for images)."""
+    # Each takes the caller's CancelToken: iterative work (DDIM, bounds over timesteps or
+    # importance samples) stops between iterations once the caller has gone.
+    @staticmethod
+    def _data(model: GenerativeModel, data: np.ndarray) -> torch.Tensor:
+        """Checked request data -> the model's data convention (levels accepted for images)."""
         if data.dtype.kind == "f":
             return torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
-        if data.dtype.kind not in "iu":
-            raise InvalidArgument(field, f"unsupported dtype {data.dtype}")
-        ints = data.astype(np.int64)
+        ints = torch.from_numpy(data.astype(np.int64))
         if model.data_dtype == torch.int64:
-            return torch.from_numpy(ints)
-        top = model.config.levels - 1
-        if ints.size and (ints.min() < 0 or ints.max() > top):
-            raise InvalidArgument(field, f"integer levels must be in [0, {top}]")
-        return torch.from_numpy(ints.astype(np.float32) / top)
+            return ints
+        return ints.float() / (model.config.levels - 1)
 
     @staticmethod
-    def _labels(labels: Sequence[int], n: int) -> torch.Tensor | None:
-        if not labels:
-            return None
-        if len(labels) != n:
-            raise InvalidArgument("labels", f"give none or exactly one label per example ({n})")
-        return torch.tensor(list(labels), dtype=torch.long)
+    def _labels(labels: Sequence[int]) -> torch.Tensor | None:
+        return torch.tensor(list(labels), dtype=torch.long) if labels else None
 
-    def score(self, req: api.ScoreRequest) -> api.ScoreResult:
+    def score(self, req: api.ScoreRequest, token: CancelToken | None = None) -> api.ScoreResult:
         assert self._state is not None
-        model, meta, _ = self._state
+        model, meta, info = self._state
+        req = validation.check_score(req, info)
         started = time.perf_counter()
-        x = self._data(model, req.data, "data")
+        x = self._data(model, req.data)
         with self._precision():
-            lp = model.log_prob(x, labels=self._labels(req.labels, len(x)), **req.options).cpu()
+            lp = model.log_prob(x, labels=self._labels(req.labels),
+                                callback=stop_callback([token or CancelToken()]),
+                                **req.options).cpu()
         kind = model.score_kind.value if model.score_kind else ""
         bpd = [] if kind == "unnormalized" else model.bits_per_dim(lp).tolist()
         ms = 1000 * (time.perf_counter() - started)
         return api.ScoreResult(meta.name, meta.version, lp.tolist(), bpd, kind,
                                api.Timings(compute_ms=ms, total_ms=ms))
 
-    def encode(self, req: api.EncodeRequest) -> api.EncodeResult:
+    def encode(self, req: api.EncodeRequest, token: CancelToken | None = None
+               ) -> api.EncodeResult:
         assert self._state is not None
-        model, meta, _ = self._state
+        model, meta, info = self._state
+        req = validation.check_encode(req, info)
         started = time.perf_counter()
-        x = self._data(model, req.data, "data")
+        x = self._data(model, req.data)
         with self._precision():
-            z = model.encode(x, labels=self._labels(req.labels, len(x)), **req.options)
+            z = model.encode(x, labels=self._labels(req.labels),
+                             callback=stop_callback([token or CancelToken()]), **req.options)
         ms = 1000 * (time.perf_counter() - started)
         return api.EncodeResult(meta.name, meta.version, z.float().cpu().numpy(),
                                 api.Timings(compute_ms=ms, total_ms=ms))
 
-    def decode(self, req: api.DecodeRequest) -> api.DecodeResult:
+    def decode(self, req: api.DecodeRequest, token: CancelToken | None = None
+               ) -> api.DecodeResult:
         assert self._state is not None
-        model, meta, _ = self._state
+        model, meta, info = self._state
+        req = validation.check_decode(req, info)
         started = time.perf_counter()
-        if req.latents.dtype.kind != "f":
-            raise InvalidArgument("latents", f"must be float32, got {req.latents.dtype}")
         z = torch.from_numpy(np.ascontiguousarray(req.latents, dtype=np.float32))
         with self._precision():
-            x = model.decode(z, labels=self._labels(req.labels, len(z)), **req.options).cpu()
+            x = model.decode(z, labels=self._labels(req.labels),
+                             callback=stop_callback([token or CancelToken()]),
+                             **req.options).cpu()
         tensor, png, text = self._outputs(model, meta, x, req.output)
         ms = 1000 * (time.perf_counter() - started)
         return api.DecodeResult(meta.name, meta.version, tensor, png, text,
                                 api.Timings(compute_ms=ms, total_ms=ms))
-

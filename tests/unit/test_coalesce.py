@@ -113,9 +113,13 @@ def test_a_caller_that_leaves_before_the_send_is_not_sent() -> None:
     asyncio.run(main())
 
 
-def test_a_failed_group_fails_every_caller() -> None:
+def test_a_group_wide_failure_reaches_every_caller() -> None:
+    # the Coalescer is transport: a failure its sender raises reaches every caller. The
+    # sender (ServeBackend._send_group) raises only group-wide errors (queue full, deadline);
+    # anything else it resends one request at a time (tests/unit/test_isolation.py), so
+    # that a request that fails alone fails alone.
     async def main() -> None:
-        c = Coalescer(Recorder(fail=ValueError("replica gone")))
+        c = Coalescer(Recorder(fail=ValueError("queue full")))
         results = await asyncio.gather(*(c.submit(i, 32, 0.01) for i in range(3)),
                                        return_exceptions=True)
         assert all(isinstance(r, ValueError) for r in results)
