@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from services.core.errors import GenfleetError, InvalidArgument
+from services.core.errors import CheckpointError, GenfleetError, InvalidArgument
 
 log = logging.getLogger("genfleet")
 
@@ -153,17 +153,28 @@ def cmd_models(args: argparse.Namespace) -> int:
     if args.served:
         return _served_models(args)
     store = _store(args)
-    rows = store.list()
-    if not rows:
+    names = store.names()
+    if not names:
         print(f"no models in {store.root}")
         return 0
     print(f"{'model':<18}{'family':<16}{'versions':<10}{'data':<12}{'fd/floor':<10}bits/dim")
-    for meta in rows:
+    broken: list[str] = []
+    for name in names:
+        versions = store.versions(name)
+        for version in versions:  # checksums too: this is where an operator looks
+            broken.extend(store.problems(name, version, checksum=True))
+        try:
+            meta = store.meta(name)
+        except CheckpointError:
+            print(f"{name:<18}{'?':<16}{len(versions):<10}(every version is broken)")
+            continue
         m = meta.metrics
         fd = f"{m['fd_ratio']:.2f}" if "fd_ratio" in m else "-"
         bpd = f"{m['test_bits_per_dim']:.3f}" if "test_bits_per_dim" in m else "-"
-        print(f"{meta.ref:<18}{meta.family:<16}{len(store.versions(meta.name)):<10}"
+        print(f"{meta.ref:<18}{meta.family:<16}{len(versions):<10}"
               f"{meta.data.get('name', '?'):<12}{fd:<10}{bpd}")
+    for problem in broken:
+        print(f"broken: {problem}")
     return 0
 
 

@@ -13,7 +13,7 @@ from typing import Any
 from services.cli_serve import gateway_args, gateway_config, security_note, serve_until_signal
 
 
-async def _gateway(args: argparse.Namespace) -> None:
+async def _gateway(args: argparse.Namespace, settings: Any) -> None:
     from services.gateway.server import Gateway
     from services.serving.backend import ServeBackend
 
@@ -23,7 +23,7 @@ async def _gateway(args: argparse.Namespace) -> None:
         from services.core.store import ModelStore
 
         batches = BatchManager(ModelStore(args.store), Path(args.batch_root))
-    gateway = Gateway(ServeBackend(args.app), batches=batches, config=gateway_config(args))
+    gateway = Gateway(ServeBackend(args.app), batches=batches, config=settings)
 
     async def announce(port: int) -> None:
         print(f"genfleet gateway on {args.host}:{port} for Serve application {args.app!r}"
@@ -39,11 +39,12 @@ async def _gateway(args: argparse.Namespace) -> None:
 def cmd_gateway(args: argparse.Namespace) -> int:
     from services.serving import app as serving
 
+    settings = gateway_config(args)  # a misconfiguration refuses before any work
     if args.join:
         serving.join_node(args.join)
     serving.connect("auto" if args.join else args.address)
     try:
-        asyncio.run(_gateway(args))
+        asyncio.run(_gateway(args, settings))
     finally:
         serving.stop_cluster(embedded=False)
     return 0

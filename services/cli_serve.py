@@ -34,16 +34,22 @@ def _client(args: argparse.Namespace) -> Any:
 
 # ---------------------------------------------------------------------------- up
 def gateway_config(args: argparse.Namespace) -> Any:
-    """The gateway's settings from the flags ``gateway_args`` defines."""
+    """The gateway's settings from the flags ``gateway_args`` defines, validated: a
+    misconfiguration refuses to start (InvalidArgument, exit 2) before any other work."""
     from services.gateway.server import GatewayConfig
 
-    return GatewayConfig(
-        host=args.host, port=args.port, token=args.token or os.environ.get("GENFLEET_TOKEN"),
-        tls_cert=Path(args.tls_cert) if args.tls_cert else None,
-        tls_key=Path(args.tls_key) if args.tls_key else None,
-        tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca else None,
+    token = args.token if args.token is not None else os.environ.get("GENFLEET_TOKEN")
+    config = GatewayConfig(
+        host=args.host, port=args.port, token=token,
+        tls_cert=Path(args.tls_cert) if args.tls_cert is not None else None,
+        tls_key=Path(args.tls_key) if args.tls_key is not None else None,
+        tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca is not None else None,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_request_bytes_in_flight=args.max_inflight_mib * 1024 * 1024,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
         health_port=None if args.health_port < 0 else args.health_port)
+    config.validate()
+    return config
 
 
 def gateway_args(p: argparse.ArgumentParser) -> None:
@@ -54,6 +60,10 @@ def gateway_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tls-cert", default=None)
     p.add_argument("--tls-key", default=None)
     p.add_argument("--tls-client-ca", default=None, help="require client certificates (mTLS)")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=1024,
+                   help="RPCs in flight; beyond: RESOURCE_EXHAUSTED at once")
+    p.add_argument("--max-inflight-mib", type=int, default=512,
+                   help="request bytes held by the RPCs in flight, MiB; beyond: RESOURCE_EXHAUSTED")
     p.add_argument("--metrics-port", type=int, default=8080,
                    help="gateway Prometheus /metrics port (0: any free port, -1: none)")
     p.add_argument("--health-port", type=int, default=-1,
@@ -77,8 +87,8 @@ def _train_missing(store: Any, names: list[str], minutes: float, progress: bool)
                        progress=progress)
 
 
-async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, started: float
-                         ) -> None:
+async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, started: float,
+                         gateway_settings: Any) -> None:
     from cluster.batch.manager import BatchManager
     from services.gateway.server import Gateway
     from services.serving import app as serving
@@ -86,8 +96,7 @@ async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, star
 
     batch_root = Path(args.batch_root) if args.batch_root else store.root.parent / "batches"
     batches = BatchManager(store, batch_root)
-    gateway = Gateway(ServeBackend(config.app_name), batches=batches,
-                      config=gateway_config(args))
+    gateway = Gateway(ServeBackend(config.app_name), batches=batches, config=gateway_settings)
 
     async def announce(port: int) -> None:
         target = f"{args.host}:{port}"
@@ -118,7 +127,8 @@ async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, star
 def security_note(gateway: Any) -> str:
     """What the start-up line says of transport security: TLS and/or token auth."""
     c = gateway.config
-    return f"{', TLS' if c.tls_cert else ''}{', token auth' if c.token else ''}"
+    return f"{', TLS' if c.tls else ''}{', mTLS' if c.tls_client_ca else ''}" \
+           f"{', token auth' if c.token else ''}"
 
 
 async def serve_until_signal(gateway: Any, grace: float,
@@ -163,6 +173,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     from services.serving.config import load_config
 
     started = time.perf_counter()
+    settings = gateway_config(args)  # a misconfiguration refuses before any work
     store = ModelStore(args.store)
     config = load_config(args.config, models=args.models or None)
     _train_missing(store, list(config.models), args.train_minutes, not args.quiet)
@@ -173,7 +184,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     embedded = args.address is None
     try:
         serving.deploy(config, store)
-        asyncio.run(_serve_gateway(args, store, config, started))
+        asyncio.run(_serve_gateway(args, store, config, started, settings))
     finally:
         (_run_dir(store) / "up.json").unlink(missing_ok=True)
         serving.stop_cluster(embedded=embedded)

@@ -1,5 +1,8 @@
-"""A small Python client for the gateway: numpy in and out, a deadline on every call,
-retry with exponential backoff and jitter on UNAVAILABLE and RESOURCE_EXHAUSTED.
+"""A small Python client for the gateway: numpy in and out, a deadline on every call, and
+retries only where the server says a retry can help: a status carrying the
+``grpc-retry-pushback-ms`` trailer (queue or gateway full, no replica yet), waiting at
+least the delay it names, or UNAVAILABLE from the transport (a gateway that went away).
+Every call it makes is idempotent (seeded), so a retry cannot duplicate work's effect.
 
     with GenfleetClient("127.0.0.1:50051") as client:
         out = client.generate("diffusion", 16, seed=7, labels=range(16))
@@ -26,7 +29,25 @@ from services.gateway.pb.genfleet.v1 import generation_pb2 as pb
 from services.gateway.pb.genfleet.v1 import generation_pb2_grpc as pb_grpc
 
 T = TypeVar("T")
-RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED)
+PUSHBACK = "grpc-retry-pushback-ms"
+
+
+def retry_delay(exc: grpc.RpcError) -> float | None:
+    """Seconds the server asks to wait before a retry; None: do not retry.
+
+    A status with the pushback trailer is retryable after that delay (a negative value
+    means never, as in gRPC's retry design); UNAVAILABLE without it comes from the transport
+    (connection refused or reset) and may be retried at once; anything else is final.
+    """
+    trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
+    for key, value in trailers or ():
+        if key == PUSHBACK:
+            try:
+                ms = int(value)
+            except ValueError:
+                return None
+            return None if ms < 0 else ms / 1000
+    return 0.0 if exc.code() == grpc.StatusCode.UNAVAILABLE else None
 _OUTPUT = {"tensor": pb.OUTPUT_FORMAT_TENSOR, "png": pb.OUTPUT_FORMAT_PNG,
            "both": pb.OUTPUT_FORMAT_BOTH}
 
@@ -92,9 +113,12 @@ class GenfleetClient:
                 return call(max(0.001, remaining))
             except grpc.RpcError as exc:
                 attempt += 1
-                code = exc.code()
-                pause = self.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
-                if code not in RETRYABLE or attempt > self.retries or pause >= remaining:
+                asked = retry_delay(exc)
+                if asked is None or attempt > self.retries:
+                    raise
+                backoff = self.backoff_s * 2 ** (attempt - 1) * (0.5 + random.random())
+                pause = max(asked, backoff)
+                if pause >= deadline - time.monotonic():
                     raise
                 time.sleep(pause)
 

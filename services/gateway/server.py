@@ -3,7 +3,9 @@ model servers). It translates protobuf, enforces deadlines, authenticates, answe
 standard health and reflection services, and shuts down gracefully.
 
 The servicer only translates: decode the request (``codec``), call the backend, encode the
-result; any error goes through the one status table (``status``).
+result; any error goes through the one status table (``status``). ``Admission`` bounds what
+the process holds: RPCs in flight and their request bytes (RESOURCE_EXHAUSTED at once,
+with a retry delay, beyond either).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import asyncio
 import contextlib
 import hmac
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -23,14 +26,14 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.core import api
-from services.core.errors import InvalidArgument
+from services.core.errors import InvalidArgument, Overloaded
 from services.gateway import codec
 from services.gateway.metrics import GatewayMetrics, MetricsInterceptor
 from services.gateway.pb.genfleet.v1 import batch_pb2 as bpb
 from services.gateway.pb.genfleet.v1 import batch_pb2_grpc as bpb_grpc
 from services.gateway.pb.genfleet.v1 import generation_pb2 as pb
 from services.gateway.pb.genfleet.v1 import generation_pb2_grpc as pb_grpc
-from services.gateway.status import status_of
+from services.gateway.status import abort
 
 log = logging.getLogger("genfleet.gateway")
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
@@ -45,6 +48,8 @@ class Backend(Protocol):
     async def list_models(self) -> list[api.ModelInfo]: ...
     async def resolve(self, ref: str) -> api.ModelInfo: ...
     async def healthy(self, name: str | None = None) -> bool: ...
+    async def open_stream(self, request: api.GenerateRequest, chunk: int | None
+                          ) -> tuple[api.GenerateRequest, int]: ...
     async def generate(self, request: api.GenerateRequest) -> api.GenerateResult: ...
     async def score(self, request: api.ScoreRequest) -> api.ScoreResult: ...
     async def encode(self, request: api.EncodeRequest) -> api.EncodeResult: ...
@@ -69,13 +74,60 @@ class GatewayConfig:
     tls_key: Path | None = None
     tls_client_ca: Path | None = None  # set: mutual TLS, clients must present a cert
     max_message_bytes: int = 64 * 1024 * 1024
-    stream_chunk: int = 16  # GenerateStream samples per message by default
+    max_concurrent_rpcs: int = 1024  # RPCs in flight; beyond: RESOURCE_EXHAUSTED at once
+    max_request_bytes_in_flight: int = 512 * 1024 * 1024  # request bytes held by those RPCs
     stream_parallel: int = 4  # chunks in flight at once (they share dynamic batches)
     health_interval_s: float = 2.0
     metrics_port: int | None = None  # serve Prometheus /metrics here (0: any free port)
     # grpc.health.v1 alone on this port, plaintext, no auth: Kubernetes gRPC probes speak
     # neither TLS nor tokens (0: any free port)
     health_port: int | None = None
+
+    def validate(self) -> None:
+        """Refuse a configuration that cannot be what its operator meant (one clear line).
+
+        Raises:
+            InvalidArgument: an empty token, TLS files that do not form a set, unreadable
+                files, a certificate and key that do not match, or a non-positive limit.
+        """
+        if self.token is not None and not self.token.strip():
+            raise InvalidArgument("--token", "is empty; give a token, or leave the flag and "
+                                             "$GENFLEET_TOKEN out to serve without auth")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise InvalidArgument("--tls-cert/--tls-key", "give both (the certificate chain and "
+                                                          "its private key) or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise InvalidArgument("--tls-client-ca", "needs --tls-cert and --tls-key: mutual "
+                                                     "TLS is TLS with client certificates")
+        for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
+                           ("--tls-client-ca", self.tls_client_ca)):
+            if path is not None:
+                try:
+                    path.read_bytes()
+                except OSError as exc:
+                    raise InvalidArgument(flag, f"cannot read {path}: {exc.strerror}") from None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        if self.tls_cert is not None and self.tls_key is not None:
+            try:
+                context.load_cert_chain(self.tls_cert, self.tls_key)
+            except ssl.SSLError as exc:
+                raise InvalidArgument("--tls-cert/--tls-key", f"{self.tls_cert} and "
+                                      f"{self.tls_key} are not a PEM certificate chain and its "
+                                      f"private key ({exc.reason or exc})") from None
+        if self.tls_client_ca is not None:
+            try:
+                context.load_verify_locations(self.tls_client_ca)
+            except ssl.SSLError as exc:
+                raise InvalidArgument("--tls-client-ca", f"{self.tls_client_ca} holds no PEM CA "
+                                      f"certificate ({exc.reason or exc})") from None
+        for name in ("max_message_bytes", "max_concurrent_rpcs", "max_request_bytes_in_flight",
+                     "stream_parallel"):
+            if getattr(self, name) < 1:
+                raise InvalidArgument(name, f"must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
 
 
 # health service name that is SERVING while the process serves, whatever the models' state:
@@ -95,8 +147,7 @@ async def _run(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T
     except asyncio.CancelledError:
         raise
     except Exception as exc:
-        code, message = status_of(exc)
-        await context.abort(code, message)
+        await abort(context, exc)
         raise AssertionError("unreachable") from exc  # abort raises
 
 
@@ -106,6 +157,7 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     def __init__(self, backend: Backend, config: GatewayConfig) -> None:
         self._backend = backend
         self._config = config
+        self._limit = config.max_message_bytes  # responses are predicted against it
 
     async def ListModels(self, request: pb.ListModelsRequest,
                          context: grpc.aio.ServicerContext) -> pb.ListModelsResponse:
@@ -117,66 +169,61 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         async def call() -> pb.GenerateResponse:
-            req = codec.generate_request_from_pb(request, _deadline(context))
+            req = codec.generate_request_from_pb(request, _deadline(context), self._limit)
             return codec.generate_response_to_pb(await self._backend.generate(req))
         return await _run(context, call)
 
     async def GenerateStream(self, request: pb.GenerateRequest,
                              context: grpc.aio.ServicerContext
                              ) -> AsyncIterator[pb.GenerateResponse]:
+        pending: list[asyncio.Task[api.GenerateResult]] = []
         try:
-            req = codec.generate_request_from_pb(request, _deadline(context))
-            chunk = request.chunk_size or self._config.stream_chunk
-            if chunk < 1:
-                raise InvalidArgument("chunk_size", "must be >= 0")
-            await self._backend.resolve(req.model)
-            parts = [(lo, min(chunk, req.num_samples - lo)) for lo in range(0, req.num_samples, chunk)]
-            labels = req.labels
+            req = codec.generate_request_from_pb(request, _deadline(context), self._limit)
+            req, chunk = await self._backend.open_stream(req, request.chunk_size or None)
 
-            def part(lo: int, n: int) -> api.GenerateRequest:
+            def part(lo: int) -> api.GenerateRequest:
+                n = min(chunk, req.num_samples - lo)
                 return api.GenerateRequest(
                     model=req.model, num_samples=n, seed=req.seed,
-                    labels=labels[lo:lo + n] if labels else (), options=req.options,
-                    output=req.output, start_index=req.start_index + lo, deadline=req.deadline)
+                    labels=req.labels[lo:lo + n] if req.labels else (), options=req.options,
+                    output=req.output, start_index=req.start_index + lo, deadline=req.deadline,
+                    max_response_bytes=req.max_response_bytes)
 
-            # a few chunks in flight (they share dynamic batches), delivered in index order
-            pending: list[asyncio.Task[api.GenerateResult]] = []
-            next_part = 0
-            while next_part < len(parts) or pending:
-                while next_part < len(parts) and len(pending) < self._config.stream_parallel:
-                    lo, n = parts[next_part]
-                    pending.append(asyncio.create_task(self._backend.generate(part(lo, n))))
-                    next_part += 1
+            # chunks are planned as they are sent: a few in flight (they share dynamic
+            # batches), delivered in index order; memory does not grow with num_samples
+            next_lo = 0
+            while next_lo < req.num_samples or pending:
+                while next_lo < req.num_samples and len(pending) < self._config.stream_parallel:
+                    pending.append(asyncio.create_task(self._backend.generate(part(next_lo))))
+                    next_lo += chunk
                 result = await pending.pop(0)
                 yield codec.generate_response_to_pb(result)
         except asyncio.CancelledError:
-            for task in locals().get("pending", []):
-                task.cancel()
             raise
         except Exception as exc:
-            for task in locals().get("pending", []):
+            await abort(context, exc)
+        finally:
+            for task in pending:
                 task.cancel()
-            code, message = status_of(exc)
-            await context.abort(code, message)
 
     async def Score(self, request: pb.ScoreRequest,
                     context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
         async def call() -> pb.ScoreResponse:
-            req = codec.score_request_from_pb(request, _deadline(context))
+            req = codec.score_request_from_pb(request, _deadline(context), self._limit)
             return codec.score_response_to_pb(await self._backend.score(req))
         return await _run(context, call)
 
     async def Encode(self, request: pb.EncodeRequest,
                      context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
         async def call() -> pb.EncodeResponse:
-            req = codec.encode_request_from_pb(request, _deadline(context))
+            req = codec.encode_request_from_pb(request, _deadline(context), self._limit)
             return codec.encode_response_to_pb(await self._backend.encode(req))
         return await _run(context, call)
 
     async def Decode(self, request: pb.DecodeRequest,
                      context: grpc.aio.ServicerContext) -> pb.DecodeResponse:
         async def call() -> pb.DecodeResponse:
-            req = codec.decode_request_from_pb(request, _deadline(context))
+            req = codec.decode_request_from_pb(request, _deadline(context), self._limit)
             return codec.decode_response_to_pb(await self._backend.decode(req))
         return await _run(context, call)
 
@@ -249,6 +296,71 @@ class TokenAuth(grpc.aio.ServerInterceptor):
         return self._deny_stream if method.endswith("Stream") else self._deny_unary
 
 
+class Admission(grpc.aio.ServerInterceptor):
+    """Bounds the RPCs of ``services`` in flight and the request bytes they hold. A call
+    beyond either bound is answered RESOURCE_EXHAUSTED at once, with a retry delay, before
+    any work. Health and reflection are not counted, so probes answer under load."""
+
+    RETRY_AFTER_S = 0.05
+
+    def __init__(self, services: tuple[str, ...], max_rpcs: int, max_bytes: int) -> None:
+        self._services = services
+        self.max_rpcs = max_rpcs
+        self.max_bytes = max_bytes
+        self.rpcs = 0  # the event loop is the only writer: no lock
+        self.bytes = 0
+
+    async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
+                                handler_call_details: grpc.HandlerCallDetails) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or not (handler_call_details.method or "").startswith(self._services):
+            return handler
+        if handler.unary_unary is not None:
+            return handler._replace(unary_unary=self._unary(handler.unary_unary))
+        if handler.unary_stream is not None:
+            return handler._replace(unary_stream=self._stream(handler.unary_stream))
+        return handler
+
+    async def _admit(self, request: Any, context: grpc.aio.ServicerContext) -> int:
+        size = int(request.ByteSize())
+        if self.rpcs >= self.max_rpcs or self.bytes + size > self.max_bytes:
+            what = (f"{self.rpcs} RPCs in flight (max {self.max_rpcs})"
+                    if self.rpcs >= self.max_rpcs else
+                    f"{self.bytes + size} request bytes in flight (max {self.max_bytes})")
+            await abort(context, Overloaded(f"the gateway is at capacity: {what}; retry with "
+                                            f"backoff", retry_after_s=self.RETRY_AFTER_S))
+        self.rpcs += 1
+        self.bytes += size
+        return size
+
+    def _release(self, size: int) -> None:
+        self.rpcs -= 1
+        self.bytes -= size
+
+    def _unary(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            size = await self._admit(request, context)
+            try:
+                return await behavior(request, context)
+            finally:
+                self._release(size)
+
+        return wrapped
+
+    def _stream(self, behavior: Callable[..., AsyncIterator[Any]]
+                ) -> Callable[..., AsyncIterator[Any]]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[Any]:
+            size = await self._admit(request, context)
+            try:
+                async for response in behavior(request, context):
+                    yield response
+            finally:
+                self._release(size)
+
+        return wrapped
+
+
 class Gateway:
     """A running gateway: start, serve, and stop gracefully."""
 
@@ -265,19 +377,33 @@ class Gateway:
         self._health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self.admission = Admission(tuple(f"/{s}/" for s in (SERVICE, BATCH_SERVICE)),
+                                   self.config.max_concurrent_rpcs,
+                                   self.config.max_request_bytes_in_flight)
 
     async def start(self) -> int:
-        """Bind and start; returns the bound port."""
+        """Validate the configuration, bind and start; returns the bound port.
+
+        Raises:
+            InvalidArgument: a misconfiguration (``GatewayConfig.validate``).
+        """
         c = self.config
+        c.validate()
         # metrics first: it also counts the calls that authentication rejects
         interceptors: list[grpc.aio.ServerInterceptor] = [MetricsInterceptor(self.metrics)]
         if c.token:
             interceptors.append(TokenAuth(c.token))
-        server = grpc.aio.server(interceptors=interceptors, options=[
-            ("grpc.max_receive_message_length", c.max_message_bytes),
-            ("grpc.max_send_message_length", c.max_message_bytes),
-            ("grpc.so_reuseport", 0),
-        ])
+        interceptors.append(self.admission)
+        server = grpc.aio.server(
+            interceptors=interceptors,
+            # a backstop behind Admission (which answers with a retry delay): gRPC core
+            # refuses calls beyond it before their bytes are read
+            maximum_concurrent_rpcs=2 * c.max_concurrent_rpcs + 64,
+            options=[
+                ("grpc.max_receive_message_length", c.max_message_bytes),
+                ("grpc.max_send_message_length", c.max_message_bytes),
+                ("grpc.so_reuseport", 0),
+            ])
         pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self.backend, c), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
@@ -287,7 +413,7 @@ class Gateway:
             services.append(BATCH_SERVICE)
         reflection.enable_server_reflection(services, server)
         address = f"{c.host}:{c.port}"
-        if c.tls_cert and c.tls_key:
+        if c.tls_cert is not None and c.tls_key is not None:
             ca = c.tls_client_ca.read_bytes() if c.tls_client_ca else None
             creds = grpc.ssl_server_credentials(
                 [(c.tls_key.read_bytes(), c.tls_cert.read_bytes())], root_certificates=ca,
