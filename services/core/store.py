@@ -3,15 +3,24 @@
 Layout::
 
     <root>/<name>/v000001/model.safetensors   weights (safetensors: nothing is unpickled)
-    <root>/<name>/v000001/meta.json           family, config, data, metrics, version, created
+    <root>/<name>/v000001/meta.json           family, config, data, metrics, version, created,
+                                              weights: {file, bytes, sha256}
 
 A version is written to a temporary directory beside the others and renamed into place,
 so a reader sees a complete version or none; version numbers only grow. Names are
 ``[a-z0-9][a-z0-9_.-]*``; a model is addressed as ``name`` (latest) or ``name@version``.
+
+Integrity: meta.json records the size and sha256 of the weights, written before the
+rename. ``problems`` tells what is wrong with a version (malformed meta, missing or
+partial weights, a checksum mismatch); such a version is *broken*: ``name`` resolves to
+the latest intact version, loading a broken one raises CheckpointError naming it, and
+``genfleet models`` lists it as broken. Versions written before checksums existed carry
+no ``weights`` entry and stay loadable.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -27,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from services.core.errors import CheckpointError, InvalidArgument, ModelNotFound
+from services.core.options import show
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
@@ -55,9 +65,20 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
 
 
 def check_name(name: str) -> str:
-    if not _NAME.match(name):
-        raise InvalidArgument("model", f"model names match {_NAME.pattern}, got {name!r}")
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise InvalidArgument("model", f"model names match {_NAME.pattern}, got {show(name)}")
     return name
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """(size in bytes, sha256 hex) of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    size = 0
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+    return size, digest.hexdigest()
 
 
 @dataclass
@@ -73,6 +94,7 @@ class Checkpoint:
     training: dict[str, Any] = field(default_factory=dict)
     created: float = 0.0
     path: Path = Path()
+    weights: dict[str, Any] = field(default_factory=dict)  # file, bytes, sha256 ({}: older)
 
     @property
     def ref(self) -> str:
@@ -82,7 +104,7 @@ class Checkpoint:
         return {
             "name": self.name, "version": self.version, "family": self.family,
             "config": self.config, "data": self.data, "metrics": self.metrics,
-            "training": self.training, "created": self.created,
+            "training": self.training, "created": self.created, "weights": self.weights,
         }
 
 
@@ -107,10 +129,11 @@ class ModelStore:
         return sorted(int(m.group(1)) for m in found if m and (d / m.group(0) / META).exists())
 
     def resolve(self, ref: str) -> tuple[str, int]:
-        """``name`` or ``name@version`` -> an existing (name, version).
+        """``name`` (its latest intact version) or ``name@version`` -> (name, version).
 
         Raises:
             ModelNotFound: no such model or version.
+            CheckpointError: ``name`` has versions, but every one is broken.
         """
         name, version = parse_ref(ref)
         versions = self.versions(name)
@@ -118,35 +141,106 @@ class ModelStore:
             known = self.names()
             raise ModelNotFound(f"no model named {name!r} in {self.root} (known: {known})")
         if version is None:
-            return name, versions[-1]
+            for candidate in reversed(versions):
+                if not self.problems(name, candidate):
+                    return name, candidate
+            raise CheckpointError(f"every version of {name} in {self.root} is broken "
+                                  f"({self.problems(name, versions[-1])[0]})")
         if version not in versions:
             raise ModelNotFound(f"model {name!r} has no version {version} (has {versions})")
         return name, version
 
-    def meta(self, ref: str) -> Checkpoint:
-        name, version = self.resolve(ref)
+    def _read_meta(self, name: str, version: int) -> Checkpoint:
         path = self._version_dir(name, version)
+        where = f"{name}@{version} ({path / META})"
         try:
             raw = json.loads((path / META).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{path / META}: unreadable metadata ({exc})") from exc
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{where}: unreadable metadata ({exc})") from exc
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{where}: metadata is not a JSON object")
+        kinds: dict[str, type | tuple[type, ...]] = {
+            "family": str, "config": dict, "data": dict, "metrics": dict, "training": dict,
+            "created": (int, float), "weights": dict}
+        missing = [k for k in ("family", "config") if k not in raw]
+        wrong = [k for k, t in kinds.items() if k in raw and not isinstance(raw[k], t)]
+        if missing or wrong:
+            raise CheckpointError(f"{where}: malformed metadata (missing {missing}, "
+                                  f"wrong type {wrong})")
         return Checkpoint(
             name=name, version=version, family=raw["family"], config=raw["config"],
             data=raw.get("data", {}), metrics=raw.get("metrics", {}),
-            training=raw.get("training", {}), created=raw.get("created", 0.0), path=path,
+            training=raw.get("training", {}), created=float(raw.get("created", 0.0)),
+            path=path, weights=raw.get("weights", {}),
         )
 
+    def meta(self, ref: str) -> Checkpoint:
+        """Metadata of a version (see ``resolve``).
+
+        Raises:
+            ModelNotFound: no such model or version.
+            CheckpointError: the metadata is unreadable or malformed.
+        """
+        return self._read_meta(*self.resolve(ref))
+
+    def problems(self, name: str, version: int, *, checksum: bool = False) -> list[str]:
+        """What is wrong with a version ([] : intact). Without ``checksum`` only what is
+        cheap to see (metadata, presence and size of the weights)."""
+        try:
+            meta = self._read_meta(name, version)
+        except CheckpointError as exc:
+            return [str(exc)]
+        weights = meta.path / WEIGHTS
+        if not weights.is_file():
+            return [f"{meta.ref}: weights file {weights} is missing"]
+        expected = meta.weights
+        if not expected:
+            return []  # written before checksums: nothing to compare
+        size = weights.stat().st_size
+        if size != expected.get("bytes"):
+            return [f"{meta.ref}: weights are {size} bytes, metadata says {expected.get('bytes')} "
+                    f"(partial or replaced file)"]
+        if checksum and file_digest(weights)[1] != expected.get("sha256"):
+            return [f"{meta.ref}: weights do not match their sha256 in the metadata"]
+        return []
+
+    def verify(self, ref: str) -> Checkpoint:
+        """The metadata of an intact version, checksum included.
+
+        Raises:
+            ModelNotFound: no such model or version.
+            CheckpointError: the version is broken; the message says why.
+        """
+        name, version = self.resolve(ref)
+        problems = self.problems(name, version, checksum=True)
+        if problems:
+            raise CheckpointError(f"{name}@{version} is broken and is never served: {problems[0]}")
+        return self._read_meta(name, version)
+
     def list(self) -> list[Checkpoint]:
-        """The latest version of every model."""
-        return [self.meta(n) for n in self.names()]
+        """The latest intact version of every model (see ``resolve``)."""
+        out = []
+        for name in self.names():
+            try:
+                out.append(self.meta(name))
+            except CheckpointError:
+                continue  # every version broken: ``problems`` tells why
+        return out
 
     def load_state(self, ref: str) -> tuple[Checkpoint, dict[str, torch.Tensor]]:
-        """Metadata and weights (safetensors only; nothing is unpickled)."""
-        meta = self.meta(ref)
+        """Metadata and weights of an intact version (safetensors only; nothing is
+        unpickled); the weights' checksum is verified first.
+
+        Raises:
+            ModelNotFound: no such model or version.
+            CheckpointError: the version is broken or its weights are unreadable.
+        """
+        meta = self.verify(ref)
         try:
             state = load_file(meta.path / WEIGHTS)
         except (OSError, SafetensorError) as exc:
-            raise CheckpointError(f"{meta.path / WEIGHTS}: unreadable weights ({exc})") from exc
+            raise CheckpointError(f"{meta.ref} ({meta.path / WEIGHTS}): unreadable weights "
+                                  f"({exc})") from exc
         return meta, state
 
     # ------------------------------------------------------------------ writing
@@ -162,11 +256,13 @@ class ModelStore:
         try:
             tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
             save_file(tensors, tmp / WEIGHTS)
+            size, sha256 = file_digest(tmp / WEIGHTS)
+            weights = {"file": WEIGHTS, "bytes": size, "sha256": sha256}
             while True:
                 existing = self.versions(name)
                 version = (existing[-1] + 1) if existing else 1
                 meta = Checkpoint(name, version, family, config, data or {}, metrics or {},
-                                  training or {}, created=time.time())
+                                  training or {}, created=time.time(), weights=weights)
                 (tmp / META).write_text(json.dumps(meta.to_json(), indent=2, sort_keys=True))
                 for f in (tmp / WEIGHTS, tmp / META):
                     with f.open("rb") as fh:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 from services.core.errors import CheckpointError, InvalidArgument, ModelNotFound
-from services.core.store import ModelStore, load_model, parse_ref
+from services.core.store import ModelStore, file_digest, load_model, parse_ref
 
 
 def _save(store: ModelStore, name: str = "m"):
@@ -47,12 +48,79 @@ def test_a_failed_write_leaves_nothing(tmp_path: Path) -> None:
     assert list((tmp_path / "m").iterdir()) == []
 
 
+def _rewrite_meta(meta_path: Path, **changes: object) -> None:
+    raw = json.loads(meta_path.read_text())
+    raw.update(changes)
+    meta_path.write_text(json.dumps(raw))
+
+
 def test_weights_are_never_unpickled(tmp_path: Path) -> None:
     store = ModelStore(tmp_path)
     meta = _save(store)
-    (meta.path / "model.safetensors").write_bytes(pickle.dumps({"w": torch.ones(2)}))
+    weights = meta.path / "model.safetensors"
+    weights.write_bytes(pickle.dumps({"w": torch.ones(2)}))
+    with pytest.raises(CheckpointError, match="m@1 is broken"):  # the checksum catches it
+        store.load_state("m@1")
+    size, digest = file_digest(weights)  # even with metadata that matches the pickle
+    _rewrite_meta(meta.path / "meta.json", weights={"file": weights.name, "bytes": size,
+                                                     "sha256": digest})
     with pytest.raises(CheckpointError, match="unreadable weights"):
         store.load_state("m")
+
+
+def test_versions_record_the_size_and_sha256_of_their_weights(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    meta = _save(store)
+    raw = json.loads((meta.path / "meta.json").read_text())
+    size, digest = file_digest(meta.path / "model.safetensors")
+    assert raw["weights"] == {"file": "model.safetensors", "bytes": size, "sha256": digest}
+    assert store.problems("m", 1, checksum=True) == []
+    assert store.verify("m").version == 1
+
+
+@pytest.mark.parametrize("damage", ["missing", "partial", "flipped", "no-family", "not-json",
+                                    "config-list"])
+def test_a_broken_version_is_never_loaded_and_latest_skips_it(tmp_path: Path, damage: str
+                                                              ) -> None:
+    store = ModelStore(tmp_path)
+    _save(store)
+    meta = _save(store)
+    weights, meta_json = meta.path / "model.safetensors", meta.path / "meta.json"
+    if damage == "missing":
+        weights.unlink()
+    elif damage == "partial":
+        weights.write_bytes(weights.read_bytes()[:10])
+    elif damage == "flipped":  # same size, other bytes: only the checksum sees it
+        data = bytearray(weights.read_bytes())
+        data[-1] ^= 0xFF
+        weights.write_bytes(bytes(data))
+    elif damage == "no-family":
+        raw = json.loads(meta_json.read_text())
+        del raw["family"]
+        meta_json.write_text(json.dumps(raw))
+    elif damage == "not-json":
+        meta_json.write_text("{ half")
+    else:
+        _rewrite_meta(meta_json, config=[1, 2])
+    assert store.problems("m", 2, checksum=True), damage
+    with pytest.raises(CheckpointError, match="m@2"):
+        store.load_state("m@2")
+    with pytest.raises(CheckpointError, match="m@2"):
+        store.verify("m@2")
+    if damage != "flipped":  # cheap checks see the rest: "m" is the latest intact version
+        assert store.resolve("m") == ("m", 1)
+        assert store.list()[0].version == 1
+
+
+def test_versions_written_before_checksums_stay_loadable(tmp_path: Path) -> None:
+    store = ModelStore(tmp_path)
+    meta = _save(store)
+    raw = json.loads((meta.path / "meta.json").read_text())
+    del raw["weights"]
+    (meta.path / "meta.json").write_text(json.dumps(raw))
+    assert store.problems("m", 1, checksum=True) == []
+    loaded, state = store.load_state("m")
+    assert loaded.version == 1 and torch.equal(state["w"], torch.ones(2))
 
 
 def test_mismatched_weights_are_a_checkpoint_error(tmp_path: Path) -> None:
