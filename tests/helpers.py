@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
@@ -138,3 +141,30 @@ def require_tool(name: str, install: str) -> str:
             pytest.fail(f"{name} is not installed (.ci/run installs it: {install})")
         pytest.skip(f"{name} is not installed ({install})")
     return found
+
+
+@contextlib.contextmanager
+def genfleet_up(base: Path, *flags: str, timeout_s: float = 300.0) -> Iterator[dict[str, Any]]:
+    """`genfleet up` on the store ``base/store`` in its own process group, with ``flags``;
+    yields its up.json (plus "log": its output file) once it serves; SIGTERM at the end
+    (SIGKILL to its group if it does not stop within a minute)."""
+    exe = Path(sys.executable).parent / "genfleet"
+    log_path = base / "up.log"
+    with log_path.open("w") as log:
+        proc = subprocess.Popen([str(exe), "--store", str(base / "store"), "up", *flags],
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        state_file = base / "run" / "up.json"
+        try:
+            deadline = time.monotonic() + timeout_s
+            while not state_file.exists():
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, f"genfleet up: not within {timeout_s} s"
+                time.sleep(0.5)
+            state: dict[str, Any] = json.loads(state_file.read_text())
+            yield {**state, "log": log_path}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)

@@ -12,17 +12,14 @@ import json
 import math
 import os
 import shutil
-import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -32,7 +29,7 @@ import yaml
 
 from services.core import metrics
 from services.gateway.client import GenfleetClient
-from tests.helpers import tiny_store
+from tests.helpers import genfleet_up, tiny_store
 from tests.unit.test_observability import (
     PROMETHEUS,
     RAY_SERVE,
@@ -71,27 +68,9 @@ def genfleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any
     """`genfleet up` serving gan and vae from a store of tiny models; its up.json."""
     base = tmp_path_factory.mktemp("prom-genfleet")
     tiny_store(base / "store", ["gan", "vae"], steps=2)
-    exe = Path(sys.executable).parent / "genfleet"
-    log = (base / "up.log").open("w")
-    proc = subprocess.Popen(
-        [str(exe), "--store", str(base / "store"), "up", "--models", "gan", "vae",
-         "--num-cpus", "4", "--port", "0", "--metrics-port", "0", "--ray-metrics-port", "-1"],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    state_file = base / "run" / "up.json"
-    try:
-        def up() -> dict[str, Any] | None:
-            assert proc.poll() is None, (base / "up.log").read_text()
-            return json.loads(state_file.read_text()) if state_file.exists() else None
-
-        state: dict[str, Any] = _wait_for("genfleet up", up, 180)
+    with genfleet_up(base, "--models", "gan", "vae", "--num-cpus", "4", "--port", "0",
+                     "--metrics-port", "0", "--ray-metrics-port", "-1", timeout_s=180) as state:
         yield state
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
 
 
 @pytest.fixture(scope="module")
