@@ -19,6 +19,8 @@ from ray import serve
 
 from services.core.store import ModelStore
 from services.gateway.client import GenfleetClient
+from services.gateway.pb.genfleet.v1 import generation_pb2 as pb
+from services.gateway.pb.genfleet.v1 import generation_pb2_grpc as pb_grpc
 from services.gateway.server import GatewayConfig
 from services.serving import app as serving
 from services.serving.backend import ServeBackend
@@ -125,6 +127,72 @@ def test_deadline_cancels_the_work_on_the_replica(gateway: GatewayThread) -> Non
         waited = time.perf_counter() - t1
     # the 1000-step batch would hold the replica for ~1000 * per_step; it was stopped
     assert waited < 0.5 * 1000 * per_step, (waited, per_step)
+
+
+def test_encode_deadline_cancels_the_work_on_the_replica(gateway: GatewayThread) -> None:
+    x = np.zeros((1024, 1, 8, 8), np.float32)
+    with GenfleetClient(gateway.target, retries=0) as client:
+        t0 = time.perf_counter()
+        client.encode("diffusion", x, options={"steps": 50})
+        full = time.perf_counter() - t0
+        with pytest.raises(grpc.RpcError) as info:
+            client.encode("diffusion", x, options={"steps": 50}, timeout=0.1 * full)
+        assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+        t1 = time.perf_counter()
+        client.encode("diffusion", x[:1], options={"steps": 1})  # behind the cancelled call
+        waited = time.perf_counter() - t1
+    assert waited < 0.5 * full, (waited, full)
+
+
+NAN, INF = float("nan"), float("inf")
+HOSTILE = {  # the requests that hurt others before: each now fails alone, at once
+    "diffusion steps=NaN": ("Generate", pb.GenerateRequest(
+        model="diffusion", num_samples=4, options={"steps": pb.OptionValue(number=NAN)})),
+    "autoregressive top_k=+inf": ("Generate", pb.GenerateRequest(
+        model="autoregressive", num_samples=4, options={"top_k": pb.OptionValue(number=INF)})),
+    "flow Score [2^32, 2^32]": ("Score", pb.ScoreRequest(
+        model="flow", data=pb.Tensor(dtype=pb.DTYPE_FLOAT32, shape=[2**32, 2**32]))),
+    "vae Score 20,000 images, samples=4096": ("Score", pb.ScoreRequest(
+        model="vae", options={"samples": pb.OptionValue(number=4096)},
+        data=pb.Tensor(dtype=pb.DTYPE_UINT8, shape=[20000, 1, 8, 8], data=bytes(20000 * 64)))),
+    "gan GenerateStream 2^25, chunk 1": ("GenerateStream", pb.GenerateRequest(
+        model="gan", num_samples=2**25, chunk_size=1)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE))
+def test_a_hostile_request_fails_alone_beside_bystanders(gateway: GatewayThread,
+                                                         name: str) -> None:
+    rpc, hostile = HOSTILE[name]
+    model = hostile.model
+    with GenfleetClient(gateway.target, retries=0) as client, \
+            grpc.insecure_channel(gateway.target) as channel:
+        stub = pb_grpc.GenerationServiceStub(channel)
+        reference = {s: client.generate(model, 2, seed=s).samples for s in range(8)}
+
+        def attack(_: int) -> str:
+            try:
+                call = getattr(stub, rpc)
+                responses = call(hostile, timeout=30)
+                if rpc == "GenerateStream":
+                    list(responses)
+                return "OK"
+            except grpc.RpcError as exc:
+                return str(exc.code().name)  # type: ignore[attr-defined]
+
+        def bystander(seed: int) -> bytes:
+            out = client.generate(model, 2, seed=seed).samples
+            assert out is not None
+            return out.tobytes()
+
+        with ThreadPoolExecutor(16) as pool:
+            attacks = [pool.submit(attack, i) for i in range(8)]
+            bystanders = {s: pool.submit(bystander, s) for s in range(8)}
+            codes = [a.result() for a in attacks]
+            got = {s: f.result() for s, f in bystanders.items()}
+        assert codes == ["INVALID_ARGUMENT"] * 8, codes
+        assert all(got[s] == reference[s].tobytes() for s in range(8))  # type: ignore[union-attr]
+        assert client.health() == "SERVING"
 
 
 def test_backpressure_is_resource_exhausted(ray_cluster: None, app: ModelStore) -> None:
