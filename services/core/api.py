@@ -206,7 +206,10 @@ class ErrorResult:
 
     @classmethod
     def of(cls, exc: errors.GenfleetError) -> ErrorResult:
-        return cls(type(exc).__name__, str(exc))
+        """``exc`` as data, named by its nearest class in ``services.core.errors`` (a
+        subclass defined elsewhere travels as that class)."""
+        klass = next(k for k in type(exc).__mro__ if getattr(errors, k.__name__, None) is k)
+        return cls(klass.__name__, str(exc))
 
     def exception(self) -> errors.GenfleetError:
         """The domain exception to raise on this side."""

@@ -248,9 +248,16 @@ class GenerativeModel(nn.Module, abc.ABC):
             ``(B, *data_shape)`` in the data convention of this module.
         """
         labels, opts = self.check_sample_request(len(seeds), labels, options)
+        return self.sample_checked(seeds, labels=labels, callback=callback, options=opts)
+
+    @torch.no_grad()
+    def sample_checked(self, seeds: Sequence[int], *, labels: Tensor | None,
+                       callback: StepCallback | None, options: Mapping[str, Any]) -> Tensor:
+        """``sample`` for a request already validated and resolved (the serving path checks
+        requests once, in ``services.core.validation``): labels on this model's device,
+        every option present. Nothing is checked again here."""
         noise = Noise(seeds, self.device)
-        out = self._sample(noise, labels=labels, callback=callback, **opts)
-        return self.postprocess(out)
+        return self.postprocess(self._sample(noise, labels=labels, callback=callback, **options))
 
     def check_sample_request(self, n: int, labels: Tensor | None, options: Mapping[str, Any]
                              ) -> tuple[Tensor | None, dict[str, Any]]:

@@ -27,7 +27,8 @@ SERVED = fuzz.FAMILIES
 
 def replica_pids() -> dict[int, str]:
     """Model replica processes on this machine -> their model. Ray titles a replica
-    process ``ray::SERVE_REPLICA::<app>#<deployment>#<replica id>...``."""
+    process ``ray::ServeReplica:<app>:<deployment>`` (``ray::SERVE_REPLICA::<app>#<deployment>#...``
+    while it runs a method)."""
     found = {}
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -36,7 +37,8 @@ def replica_pids() -> dict[int, str]:
             title = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        match = re.match(r"ray::SERVE_REPLICA::genfleet#([\w.-]+)#", title)
+        match = re.match(r"ray::(?:SERVE_REPLICA::genfleet#|ServeReplica:genfleet:)([\w.-]+)",
+                         title)
         if match and match.group(1) in SERVED:
             found[int(proc.name)] = match.group(1)
     return found

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 import numpy as np
 import pytest
 import torch
@@ -15,6 +16,7 @@ from ray.exceptions import ActorDiedError
 
 from services.core import api
 from services.core.errors import Cancelled, DeadlineExceeded, Internal, Overloaded
+from services.gateway.status import status_of
 from services.serving.backend import ReplicaDied, ServeBackend
 from services.serving.server import CancelToken, ModelServer
 from tests.helpers import tiny_store
@@ -201,8 +203,13 @@ def test_a_group_a_replica_died_holding_is_resent_one_by_one_and_the_poison_fail
     group = [api.GenerateRequest("m", 1, seed=s) for s in (1, 666, 2)]
     results = asyncio.run(_backend(replicas)._send_group("m", group))
     assert results[0] == "ok-1" and results[2] == "ok-2"
-    assert isinstance(results[1], api.ErrorResult) and results[1].error == "ReplicaDied"
+    assert isinstance(results[1], api.ErrorResult) and results[1].error == "Internal"
     assert "not retried again" in results[1].message and "request id" in results[1].message
+    with pytest.raises(Internal) as raised:  # the caller gets INTERNAL with that message
+        api.unwrap(results[1])
+    status = status_of(raised.value)
+    assert status.code == grpc.StatusCode.INTERNAL and status.message == results[1].message
+    assert status.retry_after_s is None  # not marked retryable: the client does not retry
     assert replicas.deaths == 2, "the poison request killed more than two replicas"
     assert all(isolated for seeds, isolated in replicas.calls[1:]), "retries were merged"
 
