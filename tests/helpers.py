@@ -23,7 +23,7 @@ import torch
 
 from services.core.data import load_digits
 from services.core.store import ModelStore
-from services.gateway.server import Backend, BatchBackend, Gateway, GatewayConfig
+from services.gateway.grpc_server import Backend, BatchBackend, Gateway, GatewayConfig
 from services.models import FAMILIES, build
 from services.training.loop import TrainConfig, Trainer
 from tests.conftest import TINY_CONFIGS

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from cluster.batch.output import Output
-from cluster.batch.spec import BatchSpec, Shard
 from cluster.batch.writer import ShardWriter, shard_file
+from services.core.batch import BatchRequest, Shard
 from services.core.errors import Cancelled, InvalidArgument
-from services.core.store import ModelStore, load_model, parse_ref
+from services.core.store import ModelStore, parse_ref
+from services.models import load_model
 
 log = logging.getLogger("genfleet.batch")
 JOB_FILE = "job.json"
@@ -36,7 +37,7 @@ MANIFEST = "manifest.json"
 Progress = Callable[[int, int], None]  # (samples written so far, total)
 
 
-def plan(spec: BatchSpec, store: ModelStore) -> tuple[BatchSpec, list[Shard]]:
+def plan(spec: BatchRequest, store: ModelStore) -> tuple[BatchRequest, list[Shard]]:
     """Validate ``spec`` against the model and the output directory (nothing is written);
     pin the version and resolve the options. Returns the spec and the shards still to do.
 
@@ -46,6 +47,7 @@ def plan(spec: BatchSpec, store: ModelStore) -> tuple[BatchSpec, list[Shard]]:
         ModelNotFound: unknown model or version.
     """
     spec.validate()
+    Output(spec.out)  # the URI's form (InvalidArgument), before the model is loaded
     name, version = parse_ref(spec.model)
     _, resolved = store.resolve(spec.model)
     model, meta = load_model(store, f"{name}@{version or resolved}")
@@ -68,7 +70,7 @@ def plan(spec: BatchSpec, store: ModelStore) -> tuple[BatchSpec, list[Shard]]:
     return spec, [s for s in spec.shards() if shard_file(spec, s) not in done]
 
 
-def _check_directory(out: Output, spec: BatchSpec) -> bool:
+def _check_directory(out: Output, spec: BatchRequest) -> bool:
     """Refuse an output that holds something else; False when it is empty."""
     if not out.check_container():
         return False
@@ -128,7 +130,7 @@ class _RayShardWriter:
 OnShard = Callable[[dict[str, Any]], bool]  # a written shard's record -> go on?
 
 
-def _run_ray(spec: BatchSpec, store_root: str, todo: list[Shard], on_shard: OnShard,
+def _run_ray(spec: BatchRequest, store_root: str, todo: list[Shard], on_shard: OnShard,
              device: str) -> bool:
     """Shards on a Ray Data actor pool (on GPUs when the spec asks for them); False when
     ``on_shard`` asked to stop."""
@@ -160,13 +162,13 @@ def _run_ray(spec: BatchSpec, store_root: str, todo: list[Shard], on_shard: OnSh
     return True
 
 
-def _run_local(spec: BatchSpec, store_root: str, todo: list[Shard], on_shard: OnShard,
+def _run_local(spec: BatchRequest, store_root: str, todo: list[Shard], on_shard: OnShard,
                device: str) -> bool:
     writer = ShardWriter(store_root, spec.to_dict(), device=device)
     return all(on_shard(writer.write(shard)) for shard in todo)
 
 
-def run(spec: BatchSpec, store: ModelStore, *, local: bool = False, device: str = "cpu",
+def run(spec: BatchRequest, store: ModelStore, *, local: bool = False, device: str = "cpu",
         progress: bool = True, on_progress: Progress | None = None,
         cancel: threading.Event | None = None, todo: list[Shard] | None = None
         ) -> dict[str, Any]:
@@ -234,7 +236,7 @@ def run(spec: BatchSpec, store: ModelStore, *, local: bool = False, device: str 
     return manifest
 
 
-def _shard_digest(out: Output, spec: BatchSpec, shard: Shard) -> str:
+def _shard_digest(out: Output, spec: BatchRequest, shard: Shard) -> str:
     """The checksum of a shard written by an earlier run (what ``ShardWriter.write`` returns)."""
     data = out.read(shard_file(spec, shard))
     if spec.format != "png":
@@ -246,7 +248,7 @@ def _shard_digest(out: Output, spec: BatchSpec, shard: Shard) -> str:
     return digest.hexdigest()
 
 
-def _manifest(spec: BatchSpec, out: Output, new: int, seconds: float,
+def _manifest(spec: BatchRequest, out: Output, new: int, seconds: float,
               digests: dict[int, str]) -> dict[str, Any]:
     shards = spec.shards()
     records = []

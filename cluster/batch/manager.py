@@ -16,15 +16,15 @@ from pathlib import Path
 
 from cluster.batch import job
 from cluster.batch.output import Output
-from cluster.batch.spec import BatchSpec, Shard
 from services.core import api
+from services.core.batch import BatchRequest, Shard
 from services.core.errors import Cancelled, GenfleetError, InvalidArgument, ModelNotFound
 from services.core.store import ModelStore, check_name
 
 
 @dataclass
 class _Job:
-    spec: BatchSpec
+    spec: BatchRequest
     todo: list[Shard]
     status: api.BatchStatus
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -51,18 +51,14 @@ class BatchManager:
             check_name(part)
         return self.root.joinpath(*parts)
 
-    async def submit(self, request: api.BatchRequest) -> api.BatchStatus:
+    async def submit(self, request: BatchRequest) -> api.BatchStatus:
         """Validate and start (or find) the job.
 
         Raises:
             InvalidArgument, ModelNotFound: before anything is written.
         """
-        spec = BatchSpec(model=request.model, num_samples=request.num_samples,
-                         out=str(self._output(request.output)), format=request.format,
-                         encoding=request.encoding,
-                         shard_size=request.shard_size, seed=request.seed,
-                         labels=request.labels, options=dict(request.options),
-                         workers=request.workers, gpus_per_worker=request.gpus_per_worker)
+        spec = replace(request, out=str(self._output(request.out)),
+                       options=dict(request.options))
         spec, todo = await asyncio.to_thread(job.plan, spec, self.store)
         with self._lock:
             current = self._jobs.get(spec.job_id())
@@ -71,7 +67,7 @@ class BatchManager:
             busy = [e for e in self._jobs.values()
                     if e.status.state == "running" and e.spec.out == spec.out]
             if busy:
-                raise InvalidArgument("output", f"{request.output!r} is being written by batch "
+                raise InvalidArgument("output", f"{request.out!r} is being written by batch "
                                                 f"job {busy[0].status.id}")
             written = spec.num_samples - sum(s.count for s in todo)
             status = api.BatchStatus(

@@ -72,7 +72,7 @@ class Output:
 
     def _connect(self) -> tuple[Any, str]:
         """The object store's filesystem, made on first use: checking a URI's form
-        (``BatchSpec.validate``) needs no network, while pyarrow's S3 resolves the bucket's
+        (``BatchRequest.validate``) needs no network, while pyarrow's S3 resolves the bucket's
         region when it is made."""
         if self._store is None:
             from pyarrow import fs

@@ -27,15 +27,15 @@ import numpy as np
 import torch
 
 from cluster.batch.output import Output
-from cluster.batch.spec import BatchSpec, Shard
-from services.core.data import decode_text, to_png
-from services.core.store import ModelStore, load_model
-from services.models import sample_seeds
+from services.core.batch import BatchRequest, Shard
+from services.core.data import decode_text, to_pngs
+from services.core.store import ModelStore
+from services.models import load_model, sample_seeds
 
 UNLABELLED = "unlabelled"
 
 
-def shard_file(spec: BatchSpec, shard: Shard) -> str:
+def shard_file(spec: BatchRequest, shard: Shard) -> str:
     """The file whose presence means ``shard`` is complete (relative to the output)."""
     if spec.format == "png":
         return f"index/{shard.name}.csv"
@@ -49,7 +49,7 @@ class ShardWriter:
                  threads: int | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
-        self.spec = BatchSpec(**spec)
+        self.spec = BatchRequest(**spec)
         self.out = Output(self.spec.out)
         self.model, self.meta = load_model(ModelStore(store_root),
                                            f"{self.spec.model}@{self.spec.version}", device)
@@ -92,9 +92,7 @@ class ShardWriter:
 
     # ------------------------------------------------------------------ formats
     def _pngs(self, arr: np.ndarray) -> list[bytes]:
-        levels = self.model.config.levels
-        ints = np.rint(arr * (levels - 1)).astype(np.int64)
-        return [to_png(img, levels) for img in ints]
+        return to_pngs(arr, self.model.config.levels)
 
     def _parquet(self, shard: Shard, arr: np.ndarray, seeds: list[int],
                  labels: list[int] | None, index: list[int]) -> str:

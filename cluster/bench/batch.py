@@ -30,8 +30,7 @@ SHARD = {"gan": 4000, "diffusion": 500}  # forward passes of 256 (the raw runs' 
 def _raw(store: Any, name: str, n: int) -> float:
     import torch
 
-    from services.core.store import load_model
-    from services.models import sample_seeds
+    from services.models import load_model, sample_seeds
 
     torch.set_num_threads(os.cpu_count() or 1)
     model, _ = load_model(store, name)
@@ -47,11 +46,11 @@ def _raw(store: Any, name: str, n: int) -> float:
 
 def _job(store: Any, name: str, n: int, workers: int, fmt: str) -> dict[str, Any]:
     from cluster.batch import job
-    from cluster.batch.spec import BatchSpec
+    from services.core.batch import BatchRequest
 
     out = Path(tempfile.mkdtemp(prefix=f"bench-{name}-"))
     try:
-        spec = BatchSpec(name, n, str(out / "data"), format=fmt, shard_size=SHARD[name],
+        spec = BatchRequest(name, n, str(out / "data"), format=fmt, shard_size=SHARD[name],
                          seed=1, labels="balanced", workers=workers)
         started = time.perf_counter()
         stamps: list[tuple[float, int]] = []  # (seconds since start, samples written)
@@ -78,11 +77,11 @@ def main() -> int:
     args = parser.parse_args()
 
     from services.core.store import ModelStore
-    from services.serving import app as serving
+    from services.serving import ray_cluster
 
     store = ModelStore(args.store)
     results: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs", "models": {}}
-    serving.start_cluster(None, num_cpus=4)
+    ray_cluster.start_cluster(None, num_cpus=4)
     for name in args.models:
         n = SAMPLES[name]
         raw = _raw(store, name, n)
@@ -94,7 +93,7 @@ def main() -> int:
                                    / runs[0]["samples_per_s"]}
         print(f"{name}: raw {raw:.0f}/s, job 1 worker {runs[0]['samples_per_s']:.0f}/s, "
               f"2 workers {runs[1]['samples_per_s']:.0f}/s", flush=True)
-    serving.stop_cluster(embedded=True)
+    ray_cluster.stop_cluster(embedded=True)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
     rows = []

@@ -27,10 +27,10 @@ from cluster.bench import print_table
 def _gateway_p50(store_root: str, instrumented: bool, calls: int) -> float:
     import asyncio
 
-    from services.gateway import server
+    from services.gateway import grpc_server as server
     from services.gateway.client import GenfleetClient
     from services.gateway.metrics import MetricsInterceptor
-    from services.serving.backends import LocalBackend
+    from services.serving.inprocess import InProcessBackend
 
     class PassThrough(MetricsInterceptor):
         async def intercept_service(self, continuation: Any, details: Any) -> Any:
@@ -46,7 +46,7 @@ def _gateway_p50(store_root: str, instrumented: bool, calls: int) -> float:
         return latencies
 
     async def measure() -> list[float]:
-        gateway = server.Gateway(LocalBackend(store_root, ["gan"]),
+        gateway = server.Gateway(InProcessBackend(store_root, ["gan"]),
                                  server.GatewayConfig(host="127.0.0.1", port=0))
         port = await gateway.start()
         try:

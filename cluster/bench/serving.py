@@ -37,9 +37,9 @@ MODELS = ["autoregressive", "diffusion", "ebm", "flow", "gan", "vae"]
 
 
 def _set_batching(store: Any, name: str, size: int, wait: float) -> None:
-    from services.serving import app as serving
+    from services.serving import operations
 
-    serving.rollout(store, name, None, batching={"max_batch_size": size,
+    operations.rollout(store, name, None, batching={"max_batch_size": size,
                                                  "batch_wait_timeout_s": wait})
     time.sleep(3.0)  # the gateway re-reads batching settings every 2 s
 
@@ -48,16 +48,16 @@ def _pin_replicas(store: Any, names: list[str], count: int | None) -> None:
     """One replica per model while ratios are measured (the autoscaler would otherwise give
     the unbatched runs, which keep more requests in flight, a second replica); ``None``
     restores the configured bounds."""
-    from services.serving import app as serving
+    from services.serving import operations
     from services.serving.config import load_config
 
     for name in names:
         if count is None:
             bounds = load_config(models=[name]).models[name].autoscaling_config
-            serving.scale(store, name, min_replicas=int(bounds["min_replicas"]),
+            operations.scale(store, name, min_replicas=int(bounds["min_replicas"]),
                           max_replicas=int(bounds["max_replicas"]))
         else:
-            serving.scale(store, name, min_replicas=count, max_replicas=count)
+            operations.scale(store, name, min_replicas=count, max_replicas=count)
     time.sleep(5.0)
 
 
@@ -96,7 +96,7 @@ def _start_up(store_root: Path, port: int) -> tuple[subprocess.Popen[bytes], flo
 
     t0 = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "services.cli", "--store", str(store_root), "-q", "up",
+        [sys.executable, "-m", "cluster.cli", "--store", str(store_root), "-q", "up",
          "--port", str(port), "--models", *MODELS],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     with GenfleetClient(f"127.0.0.1:{port}", retries=0, timeout=5) as client:
@@ -125,9 +125,9 @@ def main() -> int:
     import ray
     import torch
 
-    from services.bench import run_grpc_load, run_raw
+    from cluster.bench.load import run_grpc_load, run_raw
     from services.core.store import ModelStore
-    from services.serving import app as serving
+    from services.serving import operations, ray_cluster
     from services.serving.config import load_config
 
     store = ModelStore(args.store)
@@ -140,10 +140,10 @@ def main() -> int:
     print(f"genfleet up -> first Generate: {startup:.1f} s", flush=True)
     target = f"127.0.0.1:{args.port}"
     try:
-        serving.connect("auto")
+        ray_cluster.connect("auto")
         _pin_replicas(store, ["diffusion", "gan", "vae", "flow"], 1)
         # 1. diffusion at saturation vs raw in-process at the batch the server forms
-        config = serving.load_state(store)
+        config = operations.load_state(store)
         threads = config.models["diffusion"].threads
         # saturation: twice as many clients as a batch holds, so a full batch always waits
         batch, conc = 32, 64

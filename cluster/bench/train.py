@@ -29,28 +29,26 @@ from cluster.bench import print_table
 def _in_process(family: str, epochs: int, batch: int) -> dict[str, Any]:
     import torch
 
-    from services.core import data as datasets
     from services.models import model_class
-    from services.training.loop import TrainConfig, fit
-    from services.training.recipes import model_config
+    from services.training.loop import fit
+    from services.training.spec import prepare, spec_from_config
 
     torch.set_num_threads(1)
-    data = datasets.load("digits")
-    splits = datasets.split(data)
-    config = model_config(family, data)
-    klass = model_class(family)
-    cfg = TrainConfig.for_model(klass(config), epochs=epochs, batch_size=batch)
-    torch.manual_seed(cfg.seed)
+    spec = spec_from_config(family, train={"epochs": epochs, "batch_size": batch})
+    setup = prepare(spec, distributed=False)
+    torch.manual_seed(setup.train.seed)
+    model = model_class(family)(setup.config)
     started = time.perf_counter()
-    result = fit(klass(config), splits, cfg, progress=False)
+    result = fit(model, setup.splits, setup.train, progress=False)
     return {"seconds": time.perf_counter() - started,
             "samples_per_s": result.samples_per_second, "epochs": epochs}
 
 
 def _ray_job(store: Any, family: str, workers: int, epochs: int, batch: int) -> dict[str, Any]:
     from cluster.train import job
+    from services.training.spec import spec_from_config
 
-    spec = job.spec_from_config(family, name=f"{family}-w{workers}", workers=workers,
+    spec = spec_from_config(family, name=f"{family}-w{workers}", workers=workers,
                                 cpus_per_worker=1, train={"epochs": epochs, "batch_size": batch})
     started = time.time()
     result = job.run(spec, store, evaluate=False, progress=False)
@@ -78,13 +76,13 @@ def main() -> int:
     args = parser.parse_args()
 
     from services.core.store import ModelStore
-    from services.serving import app as serving
+    from services.serving import ray_cluster
 
     results: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs", "family": args.family,
                                "epochs": args.epochs, "global_batch": args.batch_size}
     results["in_process"] = _in_process(args.family, args.epochs, args.batch_size)
     print(f"in-process: {results['in_process']['samples_per_s']:.0f} samples/s", flush=True)
-    serving.start_cluster(None, num_cpus=4)
+    ray_cluster.start_cluster(None, num_cpus=4)
     with tempfile.TemporaryDirectory() as tmp:
         store = ModelStore(Path(tmp) / "store")
         for workers in (1, 2):

@@ -1,14 +1,14 @@
-"""Distributed training: the generic loop of ``services.training`` as a Ray Train job.
+"""Distributed training: the one loop of ``services.training`` as a Ray Train job.
 
 ``run`` submits a ``TorchTrainer`` (DDP over ``workers`` processes) to the connected Ray
-cluster. Each worker runs ``train_worker``:
+cluster. Each worker runs ``train_worker``, which is ``services.training.loop.run_epochs``
+(the loop ``genfleet train --local`` runs) plus only what distribution needs:
 
-- the same model, data split, ``TrainConfig`` and ``Trainer.step`` as ``genfleet train
-  --local``; identical initial weights on every rank, then per-rank noise seeds;
-- a distributed sampler (``loop.batches`` with ``rank``/``world``): every epoch one
-  permutation (seeded by the epoch), each global batch split across ranks, so N workers
-  on a global batch B take the same optimiser steps as 1 worker on B (DDP averages the
-  gradients);
+- the same ``TrainSpec`` -> data, model config and ``TrainConfig`` (``spec.prepare``);
+  identical initial weights on every rank, then per-rank noise seeds;
+- its rank's share of every global batch (``rank``/``world``), so N workers on a global
+  batch B take the same optimiser steps as 1 worker on B (DDP averages the gradients),
+  and an all-reduce of the epoch's losses;
 - a checkpoint every epoch through ``ray.train.report`` (model, EMA, optimisers,
   schedulers, history; ``torch.load(weights_only=True)`` reads it back, never a pickle);
 - on start, ``ray.train.get_checkpoint()``: a replaced worker (``FailureConfig``) or a
@@ -27,72 +27,23 @@ import logging
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from services.core.errors import InvalidArgument
+from services.core.store import ModelStore
+from services.training.spec import TrainSpec
 
 STATE_FILE = "state.pt"
 PROGRESS_FILE = "progress.jsonl"  # one JSON line per epoch, appended by rank 0
 
 
-@dataclass
-class JobSpec:
-    """What to train, where, and with how many workers."""
-
-    family: str
-    name: str  # model name in the store
-    job: str = ""  # Ray Train run name (default: ``name``); a re-run of it resumes
-    data: str = "digits"
-    workers: int = 2
-    gpus_per_worker: float = 0.0
-    cpus_per_worker: float = 1.0
-    threads_per_worker: int = 1
-    max_failures: int = 3
-    config_overrides: dict[str, Any] = field(default_factory=dict)
-    train_overrides: dict[str, Any] = field(default_factory=dict)  # epochs, batch_size, ...
-
-    def __post_init__(self) -> None:
-        self.job = self.job or self.name
-        for what, value in (("name", self.name), ("job", self.job)):
-            if not value or any(c in value for c in "/@ "):
-                raise InvalidArgument(what, f"must be non-empty without '/', '@' or spaces, "
-                                            f"got {value!r}")
-        if self.workers < 1:
-            raise InvalidArgument("workers", f"must be >= 1, got {self.workers}")
-        if self.gpus_per_worker < 0 or self.cpus_per_worker < 0:
-            raise InvalidArgument("gpus_per_worker", "resources per worker must be >= 0")
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def train_config(self) -> dict[str, Any]:
-        """``TrainConfig`` overrides: bf16 autocast on GPU workers unless ``amp`` is set."""
-        return {"amp": self.gpus_per_worker > 0, **self.train_overrides}
-
-
 # ----------------------------------------------------------------------- worker side
-def _save_state(directory: Path, trainer: Any, epoch: int, history: list[dict[str, float]],
-                best: tuple[float, dict[str, torch.Tensor]] | None) -> None:
-    state = {
-        "epoch": epoch,
-        "step_count": trainer.step_count,
-        "model": trainer.model.state_dict(),
-        "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
-        "optimizers": {k: o.state_dict() for k, o in trainer.optimizers.items()},
-        "schedulers": {k: s.state_dict() for k, s in trainer.schedulers.items()},
-        "history": history,
-        "best_val": best[0] if best else None,
-        "best_state": best[1] if best else None,
-    }
-    torch.save(state, directory / STATE_FILE)
-
-
 def load_state(directory: Path, device: torch.device | str = "cpu") -> dict[str, Any]:
-    """A checkpoint's state, without unpickling arbitrary objects."""
+    """A checkpoint's state (``Trainer.state_dict`` + ``Run.state_dict``), without
+    unpickling arbitrary objects."""
     state: dict[str, Any] = torch.load(directory / STATE_FILE, map_location=device,
                                        weights_only=True)
     return state
@@ -105,102 +56,67 @@ def train_worker(spec_dict: dict[str, Any]) -> None:
     import torch.distributed as dist
 
     from cluster.train.metrics import TrainMetrics
-    from services.core import data as datasets
     from services.models import model_class
     from services.training.loop import (
-        TrainConfig,
+        Run,
         Trainer,
-        batches,
+        noise_seed,
+        run_epochs,
         steps_per_epoch,
         tensors,
-        validation_loss,
     )
-    from services.training.recipes import model_config
+    from services.training.spec import prepare
 
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # not a line per report
-    spec = JobSpec(**{k: v for k, v in spec_dict.items() if k != "run_dir"})
+    run_dir = Path(spec_dict["run_dir"])
+    spec = TrainSpec(**{k: v for k, v in spec_dict.items() if k != "run_dir"})
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cpu":
         torch.set_num_threads(max(1, spec.threads_per_worker))
-    data = datasets.load(spec.data)
-    splits = datasets.split(data)
-    config = model_config(spec.family, data, spec.config_overrides)
-    klass = model_class(spec.family)
-    cfg = TrainConfig.for_model(klass(config), **spec.train_config())
+    setup = prepare(spec)
+    cfg = setup.train
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = klass(config).to(device)
-    x, y = tensors(splits.train, device)
+    model = model_class(spec.family)(setup.config).to(device)
+    x, y = tensors(setup.splits.train, device)
     model.prepare(x, y)
-    per_epoch = steps_per_epoch(len(x), cfg.batch_size, world)
-    checkpoint = ray.train.get_checkpoint()
-    resumed = 0
     state: dict[str, Any] | None = None
+    checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_state(Path(directory), device)
         model.load_state_dict(state["model"])
-        resumed = int(state["epoch"])
     module = ray.train.torch.prepare_model(
         model, move_to_device=False,
         parallel_strategy_kwargs={"find_unused_parameters": len(model.phases) > 1})
-    trainer = Trainer(model, cfg, module=module, total_steps=per_epoch * cfg.epochs)
-    history: list[dict[str, float]] = []
-    best: tuple[float, dict[str, torch.Tensor]] | None = None
+    trainer = Trainer(model, cfg, module=module,
+                      total_steps=steps_per_epoch(len(x), cfg.batch_size, world) * cfg.epochs)
+    run = Run()
     if state is not None:
-        for k, opt in trainer.optimizers.items():
-            opt.load_state_dict(state["optimizers"][k])
-        for k, sched in trainer.schedulers.items():
-            sched.load_state_dict(state["schedulers"][k])
-        if trainer.ema is not None and state["ema"] is not None:
-            trainer.ema.load_state_dict(state["ema"])
-        trainer.step_count = int(state["step_count"])
-        history = list(state["history"])
-        if state["best_state"] is not None:
-            best = (float(state["best_val"]), state["best_state"])
+        trainer.load_state_dict(state)
+        run = Run.from_state(state)
     metrics = TrainMetrics(spec.name, spec.family)
-    torch.manual_seed(cfg.seed + 7919 * (rank + 1) + resumed)  # per-rank, per-attempt noise
-    model.train()
-    for epoch in range(resumed + 1, cfg.epochs + 1):
-        started = time.perf_counter()
-        sums: dict[str, float] = {}
-        seen = 0
-        # one permutation per epoch, seeded by the epoch: a resumed run sees the same order
-        gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
-        for xb, yb in batches(x, y, cfg.batch_size, gen, rank=rank, world=world):
-            for k, v in trainer.step(xb, yb).items():
-                sums[k] = sums.get(k, 0.0) + v
-            seen += len(xb)
-        names = sorted(sums)
-        totals = torch.tensor([sums[k] for k in names] + [float(seen)], dtype=torch.float64,
-                              device=device)
-        if world > 1:
-            dist.all_reduce(totals)  # losses averaged over ranks, samples summed
-        seconds = time.perf_counter() - started
-        row: dict[str, float] = {"epoch": float(epoch),
-                                 **{k: float(v) / (per_epoch * world)
-                                    for k, v in zip(names, totals[:-1].tolist(), strict=True)},
-                                 "samples_per_s": float(totals[-1]) / seconds,
-                                 "resumed_from": float(resumed)}
-        if rank == 0 and len(splits.val) and (epoch % cfg.val_every == 0 or epoch == cfg.epochs):
-            val = validation_loss(trainer.inference_model(), splits.val)
-            row["val_loss"] = val
-            if cfg.select_best and (best is None or val < best[0]):
-                best = (val, {k: v.detach().clone()
-                              for k, v in trainer.inference_model().state_dict().items()})
-            model.train()
-        history.append(row)
-        metrics.worker_epoch(seen)
-        if rank == 0:
-            metrics.epoch(epoch, row)
-            with (Path(spec_dict["run_dir"]) / PROGRESS_FILE).open("a") as f:
-                f.write(json.dumps({**row, "epochs": cfg.epochs, "wall": time.time()}) + "\n")
-            with tempfile.TemporaryDirectory() as tmp:
-                _save_state(Path(tmp), trainer, epoch, history, best)
-                ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-        else:
+    seen = 0
+
+    def report(run: Run, row: dict[str, float]) -> None:
+        nonlocal seen
+        metrics.worker_epoch(run.samples - seen)
+        seen = run.samples
+        if rank != 0:
             ray.train.report(row)
+            return
+        metrics.epoch(run.epoch, row)
+        with (run_dir / PROGRESS_FILE).open("a") as f:
+            f.write(json.dumps({**row, "epochs": cfg.epochs, "wall": time.time()}) + "\n")
+        with tempfile.TemporaryDirectory() as tmp:
+            torch.save({**trainer.state_dict(), **run.state_dict()}, Path(tmp) / STATE_FILE)
+            ray.train.report(row, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+
+    torch.manual_seed(noise_seed(cfg.seed, rank, run.epoch))  # per-rank, per-attempt noise
+    run_epochs(trainer, x, y, setup.splits.val if rank == 0 else None, run=run, rank=rank,
+               world=world, all_reduce=dist.all_reduce if world > 1 else None,
+               on_epoch=report)
 
 
 # ----------------------------------------------------------------------- driver side
@@ -265,7 +181,7 @@ def storage_path(store_root: Path | str) -> Path:
     return Path(store_root).resolve().parent / "train-runs"
 
 
-def run(spec: JobSpec, store: Any, *, evaluate: bool = True, eval_samples: int = 1000,
+def run(spec: TrainSpec, store: ModelStore, *, evaluate: bool = True, eval_samples: int = 1000,
         progress: bool = True) -> JobResult:
     """Run (or resume, when a run named ``spec.job`` exists) the job and export the final
     model to ``store`` as a new version. A re-run of a job that had already finished
@@ -273,10 +189,10 @@ def run(spec: JobSpec, store: Any, *, evaluate: bool = True, eval_samples: int =
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from services.core import data as datasets
     from services.models import model_class
-    from services.training.loop import TrainConfig, tensors
-    from services.training.recipes import export, model_config
+    from services.training.loop import final_weights, tensors
+    from services.training.recipes import export
+    from services.training.spec import prepare
 
     started = time.perf_counter()
     run_dir = storage_path(store.root) / spec.job
@@ -308,21 +224,10 @@ def run(spec: JobSpec, store: Any, *, evaluate: bool = True, eval_samples: int =
                          resumed_from=int(state["epoch"]), history=history,
                          seconds=time.perf_counter() - started, samples_per_s=0.0,
                          metrics=dict(done.metrics))
-    data = datasets.load(spec.data)
-    splits = datasets.split(data)
-    config = model_config(spec.family, data, spec.config_overrides)
-    klass = model_class(spec.family)
-    model = klass(config)
-    model.prepare(*tensors(splits.train))
-    cfg = TrainConfig.for_model(model, **spec.train_config())
-    if state["best_state"] is not None:
-        weights = state["best_state"]
-    elif state["ema"] is not None:  # AveragedModel's keys: "module.<name>" + n_averaged
-        weights = {k.removeprefix("module."): v for k, v in state["ema"].items()
-                   if k.startswith("module.")}
-    else:
-        weights = state["model"]
-    model.load_state_dict(weights)
+    setup = prepare(spec)
+    model = model_class(spec.family)(setup.config)
+    model.prepare(*tensors(setup.splits.train))
+    model.load_state_dict(final_weights(state))
     model.eval()
     history = [dict(h) for h in state["history"]]
     resumed_from = int(history[-1]["resumed_from"])
@@ -333,10 +238,11 @@ def run(spec: JobSpec, store: Any, *, evaluate: bool = True, eval_samples: int =
         "epochs": int(state["epoch"]), "steps": int(state["step_count"]),
         "resumed_from": resumed_from,
         "samples_per_second": round(samples_per_s, 1), "best_val": state["best_val"],
-        "config": dataclasses.asdict(cfg), "final": history[-1],
+        "config": dataclasses.asdict(setup.train), "final": history[-1],
         "seconds": round(time.perf_counter() - started, 2), "finished": time.time(),
     }
-    checkpoint = export(store, spec.name, spec.family, config, model, data, splits, training,
+    checkpoint = export(store, spec.name, spec.family, setup.config, model, setup.data,
+                        setup.splits, training,
                         evaluate=evaluate, eval_samples=eval_samples, progress=progress)
     return JobResult(ref=checkpoint.ref, epochs=int(state["epoch"]),
                      resumed_from=resumed_from, history=history,
@@ -344,7 +250,7 @@ def run(spec: JobSpec, store: Any, *, evaluate: bool = True, eval_samples: int =
                      metrics=dict(checkpoint.metrics))
 
 
-def _exported(store: Any, spec: JobSpec, state: dict[str, Any]) -> Any:
+def _exported(store: ModelStore, spec: TrainSpec, state: dict[str, Any]) -> Any:
     """The stored version this job already exported from this very state, if any."""
     for version in reversed(store.versions(spec.name) if spec.name in store.names() else []):
         meta = store.meta(f"{spec.name}@{version}")
@@ -363,41 +269,3 @@ def describe(result: JobResult) -> str:
     resumed = f", resumed after epoch {result.resumed_from}" if result.resumed_from else ""
     return (f"trained {result.ref} in {result.seconds:.0f} s, {result.epochs} epochs"
             f"{resumed}, {result.samples_per_s:.0f} samples/s")
-
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "train.yaml"
-_SPEC_KEYS = {"data", "workers", "cpus_per_worker", "gpus_per_worker", "threads_per_worker",
-              "max_failures", "model", "train"}
-
-
-def spec_from_config(family: str, *, path: Path | str | None = None,
-                     **overrides: Any) -> JobSpec:
-    """A job for ``family`` from the train YAML (defaults, then the family's section),
-    then ``overrides`` (None values ignored; ``model``/``train`` maps are merged).
-
-    Raises:
-        InvalidArgument: unknown family or keys in the file.
-    """
-    import yaml
-
-    from services.models import FAMILIES
-
-    if family not in FAMILIES:
-        raise InvalidArgument("family", f"unknown family {family!r} (known: {sorted(FAMILIES)})")
-    raw = yaml.safe_load(Path(path or DEFAULT_CONFIG).read_text()) or {}
-    merged: dict[str, Any] = {"model": {}, "train": {}}
-    for section, where in ((raw.get("defaults") or {}, "defaults"),
-                           ((raw.get("families") or {}).get(family) or {}, f"families.{family}")):
-        unknown = sorted(set(section) - _SPEC_KEYS)
-        if unknown:
-            raise InvalidArgument(where, f"unknown keys {unknown} (known: {sorted(_SPEC_KEYS)})")
-        for key, value in section.items():
-            merged[key] = {**merged[key], **value} if key in ("model", "train") else value
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        merged[key] = {**merged.get(key, {}), **value} if key in ("model", "train") else value
-    model, train = merged.pop("model"), merged.pop("train")
-    name = merged.pop("name", None) or family
-    return JobSpec(family=family, name=name, config_overrides=model, train_overrides=train,
-                   **merged)

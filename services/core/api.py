@@ -90,26 +90,39 @@ class GenerateRequest:
 
 
 @dataclass
-class GenerateResult:
+class Samples:
+    """Samples out: a tensor and/or one PNG per image (one string per text sample)."""
+
     model: str
     version: int
     samples: np.ndarray | None
     png: list[bytes]
     text: list[str]
-    seeds: list[int]
-    labels: list[int]
-    start_index: int
     timings: Timings
 
 
 @dataclass
-class ScoreRequest:
+class GenerateResult(Samples):
+    seeds: list[int]  # the per-sample seeds used
+    labels: list[int]  # the labels requested (empty when none were given)
+    start_index: int  # index of the first sample within the request
+
+
+@dataclass
+class DataRequest:
+    """A request that carries examples: one row of ``data`` per example."""
+
     model: str
     data: np.ndarray
     labels: tuple[int, ...] = ()
     options: dict[str, Any] = field(default_factory=dict)
     deadline: float | None = None
     max_response_bytes: int | None = None
+
+
+@dataclass
+class ScoreRequest(DataRequest):
+    """The log-likelihood (or its bound, or an energy) of each example."""
 
 
 @dataclass
@@ -123,13 +136,8 @@ class ScoreResult:
 
 
 @dataclass
-class EncodeRequest:
-    model: str
-    data: np.ndarray
-    labels: tuple[int, ...] = ()
-    options: dict[str, Any] = field(default_factory=dict)
-    deadline: float | None = None
-    max_response_bytes: int | None = None
+class EncodeRequest(DataRequest):
+    """The latent of each example."""
 
 
 @dataclass
@@ -152,31 +160,8 @@ class DecodeRequest:
 
 
 @dataclass
-class DecodeResult:
-    model: str
-    version: int
-    samples: np.ndarray | None
-    png: list[bytes]
-    text: list[str]
-    timings: Timings
-
-
-@dataclass
-class BatchRequest:
-    """A dataset-generation job (cluster/batch): ``output`` is relative to the server's
-    batch root."""
-
-    model: str
-    num_samples: int
-    output: str
-    format: str = "parquet"
-    encoding: str = "tensor"
-    shard_size: int = 1000
-    seed: int = 0
-    labels: str = ""
-    options: dict[str, Any] = field(default_factory=dict)
-    workers: int = 1
-    gpus_per_worker: float = 0.0
+class DecodeResult(Samples):
+    """Samples decoded from latents."""
 
 
 @dataclass

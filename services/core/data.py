@@ -410,12 +410,20 @@ def load(spec: str = "digits") -> Dataset:
     return data
 
 
-def to_png(values: np.ndarray, levels: int) -> bytes:
-    """One image ``(C, H, W)`` of levels -> PNG bytes (8-bit)."""
+def to_pngs(samples: np.ndarray, levels: int) -> list[bytes]:
+    """Images ``(N, C, H, W)`` with values in [0, 1] -> one 8-bit PNG each.
+
+    Values are first rounded to the model's ``levels`` (what it generates), then spread
+    over 0..255; the one PNG encoder of the serving path and of batch datasets.
+    """
     from PIL import Image
 
-    scaled = np.round(values.astype(np.float64) * 255.0 / (levels - 1)).astype(np.uint8)
-    img = Image.fromarray(scaled[0] if scaled.shape[0] == 1 else scaled.transpose(1, 2, 0))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
+    ints = np.rint(samples.astype(np.float64) * (levels - 1))
+    scaled = np.round(ints * 255.0 / (levels - 1)).astype(np.uint8)  # (N, C, H, W)
+    out: list[bytes] = []
+    for img in scaled:
+        pil = Image.fromarray(img[0] if img.shape[0] == 1 else img.transpose(1, 2, 0))
+        buf = io.BytesIO()
+        pil.save(buf, format="PNG")
+        out.append(buf.getvalue())
+    return out

@@ -29,14 +29,15 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from services.core.errors import CheckpointError, InvalidArgument, ModelNotFound
 from services.core.options import show
+
+if TYPE_CHECKING:  # torch is imported by the calls that move tensors, not by the gateway
+    import torch
 
 WEIGHTS = "model.safetensors"
 META = "meta.json"
@@ -237,6 +238,8 @@ class ModelStore:
         """
         meta = self.verify(ref)
         try:
+            from safetensors.torch import load_file
+
             state = load_file(meta.path / WEIGHTS)
         except (OSError, SafetensorError) as exc:
             raise CheckpointError(f"{meta.ref} ({meta.path / WEIGHTS}): unreadable weights "
@@ -255,6 +258,8 @@ class ModelStore:
         tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=model_dir))
         try:
             tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+            from safetensors.torch import save_file
+
             save_file(tensors, tmp / WEIGHTS)
             size, sha256 = file_digest(tmp / WEIGHTS)
             weights = {"file": WEIGHTS, "bytes": size, "sha256": sha256}
@@ -291,26 +296,3 @@ class ModelStore:
 
     def _version_dir(self, name: str, version: int) -> Path:
         return self.root / name / f"v{version:06d}"
-
-
-def load_model(store: ModelStore, ref: str, device: torch.device | str = "cpu"
-               ) -> tuple[Any, Checkpoint]:
-    """Build the model a checkpoint describes and load its weights (eval mode).
-
-    Returns:
-        (GenerativeModel, Checkpoint).
-
-    Raises:
-        ModelNotFound: unknown name or version.
-        CheckpointError: unreadable files, or weights that do not fit the config.
-    """
-    from services.models import build  # core must not import models at module level
-
-    meta, state = store.load_state(ref)
-    try:
-        model = build(meta.family, meta.config)
-        model.load_state_dict(state, strict=True)
-    except (RuntimeError, InvalidArgument, TypeError, ValueError) as exc:
-        raise CheckpointError(f"{meta.path}: weights do not fit {meta.family} config ({exc})"
-                              ) from exc
-    return model.to(device).eval(), meta

@@ -29,14 +29,12 @@ class FeatureClassifier(nn.Module):
         super().__init__()
         self.config = config
         w = config.width
-        self.body = nn.Sequential(
-            nn.Conv2d(config.channels, w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(w, w, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(w, 2 * w, 3, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(2 * w, 2 * w, 3, padding=1), nn.ReLU(),
-            nn.AdaptiveAvgPool2d(4), nn.Flatten(),
-            nn.Linear(2 * w * 16, config.features),
-        )
+        layers: list[nn.Module] = []
+        for c_in, c_out, stride in ((config.channels, w, 1), (w, w, 1), (w, 2 * w, 2),
+                                    (2 * w, 2 * w, 1)):
+            layers += [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.ReLU()]
+        layers += [nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(2 * w * 16, config.features)]
+        self.body = nn.Sequential(*layers)  # (B, features)
         # features are taken before the non-linearity: no dead (constant) dimensions
         self.head = nn.Sequential(nn.ReLU(), nn.Dropout(0.3),
                                   nn.Linear(config.features, config.num_classes))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -22,6 +21,8 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.core import api
+from services.core.batch import DEFAULT_SHARD_SIZE
 from services.gateway import codec
 from services.gateway.pb.genfleet.v1 import batch_pb2 as bpb
 from services.gateway.pb.genfleet.v1 import batch_pb2_grpc as bpb_grpc
@@ -50,24 +51,6 @@ def retry_delay(exc: grpc.RpcError) -> float | None:
     return 0.0 if exc.code() == grpc.StatusCode.UNAVAILABLE else None
 _OUTPUT = {"tensor": pb.OUTPUT_FORMAT_TENSOR, "png": pb.OUTPUT_FORMAT_PNG,
            "both": pb.OUTPUT_FORMAT_BOTH}
-
-
-@dataclass
-class Samples:
-    model: str
-    version: int
-    samples: np.ndarray | None
-    png: list[bytes]
-    text: list[str]
-    seeds: list[int]
-    timings: pb.Timings
-
-
-def _samples(resp: pb.GenerateResponse | pb.DecodeResponse) -> Samples:
-    tensor = codec.tensor_to_array(resp.samples, "samples") if resp.HasField("samples") else None
-    seeds = list(resp.seeds) if isinstance(resp, pb.GenerateResponse) else []
-    return Samples(resp.model, resp.version, tensor, list(resp.png), list(resp.text), seeds,
-                   resp.timings)
 
 
 class GenfleetClient:
@@ -138,29 +121,31 @@ class GenfleetClient:
 
     def generate(self, model: str, n: int, *, seed: int = 0, labels: Iterable[int] | None = None,
                  options: Mapping[str, Any] | None = None, output: str = "tensor",
-                 start_index: int = 0, timeout: float | None = None) -> Samples:
+                 start_index: int = 0, timeout: float | None = None) -> api.GenerateResult:
         req = self._generate_request(model, n, seed, labels, options, output, start_index)
         resp = self._retry(lambda t: self.stub.Generate(req, timeout=t, metadata=self.metadata),
                            timeout)
-        return _samples(resp)
+        return codec.generate_result_from_pb(resp)
 
     def generate_stream(self, model: str, n: int, *, seed: int = 0,
                         labels: Iterable[int] | None = None,
                         options: Mapping[str, Any] | None = None, output: str = "tensor",
-                        chunk_size: int = 0, timeout: float | None = None) -> Iterator[Samples]:
+                        chunk_size: int = 0, timeout: float | None = None
+                        ) -> Iterator[api.GenerateResult]:
         req = self._generate_request(model, n, seed, labels, options, output, 0, chunk_size)
         for resp in self.stub.GenerateStream(req, timeout=timeout or self.timeout,
                                              metadata=self.metadata):
-            yield _samples(resp)
+            yield codec.generate_result_from_pb(resp)
 
     def score(self, model: str, data: np.ndarray, *, labels: Iterable[int] | None = None,
               options: Mapping[str, Any] | None = None, timeout: float | None = None
-              ) -> pb.ScoreResponse:
+              ) -> api.ScoreResult:
         req = pb.ScoreRequest(model=model, data=codec.array_to_tensor(data),
                               labels=list(labels or []),
                               options={k: codec.option_value(v) for k, v in (options or {}).items()})
-        return self._retry(lambda t: self.stub.Score(req, timeout=t, metadata=self.metadata),
+        resp = self._retry(lambda t: self.stub.Score(req, timeout=t, metadata=self.metadata),
                            timeout)
+        return codec.score_result_from_pb(resp)
 
     def encode(self, model: str, data: np.ndarray, *, labels: Iterable[int] | None = None,
                options: Mapping[str, Any] | None = None, timeout: float | None = None
@@ -174,18 +159,18 @@ class GenfleetClient:
 
     def decode(self, model: str, latents: np.ndarray, *, labels: Iterable[int] | None = None,
                options: Mapping[str, Any] | None = None, output: str = "tensor",
-               timeout: float | None = None) -> Samples:
+               timeout: float | None = None) -> api.DecodeResult:
         req = pb.DecodeRequest(model=model, latents=codec.array_to_tensor(latents),
                                labels=list(labels or []), output=_OUTPUT[output],
                                options={k: codec.option_value(v) for k, v in (options or {}).items()})
         resp = self._retry(lambda t: self.stub.Decode(req, timeout=t, metadata=self.metadata),
                            timeout)
-        return _samples(resp)
+        return codec.decode_result_from_pb(resp)
 
     # -------------------------------------------------------------- batch jobs
     def submit_batch(self, model: str, n: int, output: str, *, format: str = "parquet",
                      encoding: str = "tensor",
-                     shard_size: int = 1000, seed: int = 0, labels: str = "",
+                     shard_size: int = DEFAULT_SHARD_SIZE, seed: int = 0, labels: str = "",
                      options: Mapping[str, Any] | None = None, workers: int = 1,
                      gpus_per_worker: float = 0.0, timeout: float | None = None
                      ) -> bpb.BatchJob:

@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import numpy as np
 
 from services.core import api
+from services.core.batch import DEFAULT_SHARD_SIZE, BatchRequest
 from services.core.errors import InvalidArgument
 from services.core.options import MAX_OPTIONS, OptionSpec
 from services.gateway.pb.genfleet.v1 import batch_pb2 as bpb
@@ -181,6 +182,39 @@ def decode_response_to_pb(result: api.DecodeResult) -> pb.DecodeResponse:
         png=result.png, text=result.text, timings=_timings(result.timings))
 
 
+# ------------------------------------------------- responses, read back (the client)
+_SCORE_KIND_NAMES = {v: k for k, v in _SCORE_KINDS.items()}
+
+
+def _timings_from_pb(t: pb.Timings) -> api.Timings:
+    return api.Timings(queue_ms=t.queue_ms, compute_ms=t.compute_ms, total_ms=t.total_ms)
+
+
+def _samples_from_pb(resp: pb.GenerateResponse | pb.DecodeResponse) -> np.ndarray | None:
+    return tensor_to_array(resp.samples, "samples") if resp.HasField("samples") else None
+
+
+def generate_result_from_pb(resp: pb.GenerateResponse) -> api.GenerateResult:
+    return api.GenerateResult(
+        model=resp.model, version=resp.version, samples=_samples_from_pb(resp),
+        png=list(resp.png), text=list(resp.text), seeds=list(resp.seeds),
+        labels=list(resp.labels), start_index=resp.start_index,
+        timings=_timings_from_pb(resp.timings))
+
+
+def score_result_from_pb(resp: pb.ScoreResponse) -> api.ScoreResult:
+    return api.ScoreResult(
+        model=resp.model, version=resp.version, log_prob=list(resp.log_prob),
+        bits_per_dim=list(resp.bits_per_dim), kind=_SCORE_KIND_NAMES.get(resp.kind, "unknown"),
+        timings=_timings_from_pb(resp.timings))
+
+
+def decode_result_from_pb(resp: pb.DecodeResponse) -> api.DecodeResult:
+    return api.DecodeResult(
+        model=resp.model, version=resp.version, samples=_samples_from_pb(resp),
+        png=list(resp.png), text=list(resp.text), timings=_timings_from_pb(resp.timings))
+
+
 def _option_info(o: api.OptionInfo) -> pb.OptionInfo:
     s: OptionSpec = o.spec
     return pb.OptionInfo(name=o.name, kind=s.kind, default_value=option_value(s.default),
@@ -211,15 +245,16 @@ _BATCH_STATES = {"running": bpb.BATCH_STATE_RUNNING, "succeeded": bpb.BATCH_STAT
                  "failed": bpb.BATCH_STATE_FAILED, "cancelled": bpb.BATCH_STATE_CANCELLED}
 
 
-def batch_request_from_pb(request: bpb.SubmitBatchRequest) -> api.BatchRequest:
+def batch_request_from_pb(request: bpb.SubmitBatchRequest) -> BatchRequest:
+    """``out`` is the client's directory name, resolved below the batch root by the server."""
     if request.format not in _BATCH_FORMATS:
         raise InvalidArgument("format", "must be BATCH_FORMAT_PARQUET, _PNG or _NPZ")
     if request.workers < 0 or request.shard_size < 0:
         raise InvalidArgument("workers" if request.workers < 0 else "shard_size", "must be >= 0")
-    return api.BatchRequest(
-        model=request.model, num_samples=request.num_samples, output=request.output,
+    return BatchRequest(
+        model=request.model, num_samples=request.num_samples, out=request.output,
         format=_BATCH_FORMATS[request.format], encoding=request.encoding or "tensor",
-        shard_size=request.shard_size or 1000,
+        shard_size=request.shard_size or DEFAULT_SHARD_SIZE,
         seed=request.seed, labels=request.labels, options=options_from_pb(request.options),
         workers=request.workers or 1, gpus_per_worker=request.gpus_per_worker)
 

@@ -10,18 +10,13 @@ import importlib
 from collections.abc import Mapping
 from typing import Any
 
-from services.core.errors import InvalidArgument
-from services.models.base import (
-    Capability,
-    GenerativeModel,
-    LossOutput,
-    ModelConfig,
-    Noise,
-    OptionSpec,
-    ScoreKind,
-    sample_seed,
-    sample_seeds,
-)
+import torch
+
+from services.core.errors import CheckpointError, InvalidArgument
+from services.core.options import OptionSpec
+from services.core.store import Checkpoint, ModelStore
+from services.models.base import Capability, GenerativeModel, LossOutput, ModelConfig, ScoreKind
+from services.models.noise import Noise, sample_seed, sample_seeds
 
 # family -> (module, class). Imported lazily: a process that serves one family loads one.
 FAMILIES: dict[str, tuple[str, str]] = {
@@ -58,6 +53,26 @@ def build(family: str, config: ModelConfig | Mapping[str, Any] | None = None) ->
     return klass(config)
 
 
+def load_model(store: ModelStore, ref: str, device: torch.device | str = "cpu"
+               ) -> tuple[GenerativeModel, Checkpoint]:
+    """Build the model a stored checkpoint describes and load its weights (eval mode).
+
+    The store hands out metadata and tensors; building the model is this package's job.
+
+    Raises:
+        ModelNotFound: unknown name or version.
+        CheckpointError: unreadable files, or weights that do not fit the config.
+    """
+    meta, state = store.load_state(ref)
+    try:
+        model = build(meta.family, meta.config)
+        model.load_state_dict(state, strict=True)
+    except (RuntimeError, InvalidArgument, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{meta.path}: weights do not fit {meta.family} config ({exc})"
+                              ) from exc
+    return model.to(device).eval(), meta
+
+
 __all__ = [
     "FAMILIES",
     "Capability",
@@ -68,6 +83,7 @@ __all__ = [
     "OptionSpec",
     "ScoreKind",
     "build",
+    "load_model",
     "model_class",
     "sample_seed",
     "sample_seeds",

@@ -20,16 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from services.models.base import (
-    Capability,
-    GenerativeModel,
-    LossOutput,
-    ModelConfig,
-    Noise,
-    OptionSpec,
-    ScoreKind,
-    StepCallback,
-)
+from services.core.options import OptionSpec
+from services.models.base import Capability, GenerativeModel, LossOutput, ModelConfig, ScoreKind, StepCallback
+from services.models.noise import Noise
 
 KVCache = list[tuple[Tensor, Tensor]]
 
@@ -91,6 +84,7 @@ class AutoregressiveModel(GenerativeModel):
     class_prior: Tensor
     family = "autoregressive"
     Config = AutoregressiveConfig
+    config: AutoregressiveConfig  # the family's own config type (set by GenerativeModel.__init__)
     capabilities = frozenset({Capability.SAMPLE, Capability.CONDITIONAL, Capability.LOG_PROB})
     score_kind = ScoreKind.EXACT
     sampler_options = {
@@ -105,7 +99,6 @@ class AutoregressiveModel(GenerativeModel):
 
     def __init__(self, config: AutoregressiveConfig) -> None:
         super().__init__(config)
-        self.cfg = config
         c = config
         self.length = math.prod(c.data_shape)  # D
         self.start = nn.Embedding(c.num_classes + 1, c.embed)  # row K: "no class"
@@ -121,21 +114,21 @@ class AutoregressiveModel(GenerativeModel):
 
     @property
     def data_dtype(self) -> torch.dtype:
-        return torch.int64 if self.cfg.data_kind == "text" else torch.float32
+        return torch.int64 if self.config.data_kind == "text" else torch.float32
 
     def prepare(self, x: Tensor, labels: Tensor | None) -> None:
         self._fit_class_prior(labels)
 
     def postprocess(self, x: Tensor) -> Tensor:
-        return x.long() if self.cfg.data_kind == "text" else super().postprocess(x)
+        return x.long() if self.config.data_kind == "text" else super().postprocess(x)
 
     def _tokens(self, x: Tensor) -> Tensor:
         """Data -> (B, D) token ids in [0, V)."""
-        return x.long() if self.cfg.data_kind == "text" else self.to_levels(x).flatten(1)
+        return x.long() if self.config.data_kind == "text" else self.to_levels(x).flatten(1)
 
     def _start_ids(self, labels: Tensor | None, b: int, device: torch.device) -> Tensor:
         if labels is None:
-            return torch.full((b,), self.cfg.num_classes, device=device, dtype=torch.long)
+            return torch.full((b,), self.config.num_classes, device=device, dtype=torch.long)
         return labels
 
     def _logits(self, tokens: Tensor, start: Tensor) -> Tensor:
@@ -153,7 +146,7 @@ class AutoregressiveModel(GenerativeModel):
     # ----------------------------------------------------------------- training
     def forward(self, x: Tensor, *, labels: Tensor | None = None, phase: str = "main") -> LossOutput:
         tokens = self._tokens(x)
-        start = self._start_ids(labels if self.cfg.num_classes else None, x.shape[0], x.device)
+        start = self._start_ids(labels if self.config.num_classes else None, x.shape[0], x.device)
         logits = self._logits(tokens, start)
         loss = F.cross_entropy(logits.transpose(1, 2), tokens)  # nats per dim
         return LossOutput(loss, {"bits_per_dim": float(loss.detach()) / math.log(2)})
@@ -163,10 +156,10 @@ class AutoregressiveModel(GenerativeModel):
                   ) -> Tensor:
         tokens = self._tokens(x)
         b = tokens.shape[0]
-        if labels is not None or not self.cfg.num_classes:
+        if labels is not None or not self.config.num_classes:
             return self._log_likelihood(tokens, self._start_ids(labels, b, tokens.device))
         # exact marginal: log sum_c pi_c p(x | c)
-        k = self.cfg.num_classes
+        k = self.config.num_classes
         cols = []
         for c in range(k):
             cols.append(self._log_likelihood(tokens, torch.full((b,), c, device=tokens.device)))
@@ -177,7 +170,7 @@ class AutoregressiveModel(GenerativeModel):
     def _sample(self, noise: Noise, *, labels: Tensor | None, callback: StepCallback | None,
                 temperature: float, top_k: int) -> Tensor:
         b = len(noise)
-        if self.cfg.num_classes and labels is None:
+        if self.config.num_classes and labels is None:
             labels = noise.categorical(self.class_prior.expand(b, -1))
         start = self._start_ids(labels, b, noise.device)
         cache: KVCache | None = None
@@ -199,6 +192,6 @@ class AutoregressiveModel(GenerativeModel):
             if d + 1 < self.length:
                 h_in = self.tokens(out[:, d])[:, None] + self.positions[d + 1:d + 2]
             self._step(callback, d + 1, self.length)
-        if self.cfg.data_kind == "text":
+        if self.config.data_kind == "text":
             return out
-        return (out.float() / (self.cfg.levels - 1)).view(b, *self.data_shape)
+        return (out.float() / (self.config.levels - 1)).view(b, *self.data_shape)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from services.core.errors import InvalidArgument, UnsupportedOperation
 from services.core.options import OptionSpec, resolve_options
+from services.models.noise import Noise
 
 
 class Capability(enum.StrEnum):
@@ -96,63 +97,6 @@ class LossOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
-_MASK64 = (1 << 64) - 1
-
-
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
-def sample_seed(seed: int, index: int) -> int:
-    """The seed of sample ``index`` of a request with seed ``seed`` (63 bits)."""
-    if seed < 0 or index < 0:
-        raise InvalidArgument("seed", "seed and index must be >= 0")
-    return _splitmix64(_splitmix64(seed & _MASK64) ^ index) >> 1
-
-
-def sample_seeds(seed: int, n: int, start: int = 0) -> list[int]:
-    """Per-sample seeds of samples ``start .. start+n-1`` of a request with ``seed``."""
-    return [sample_seed(seed, i) for i in range(start, start + n)]
-
-
-class Noise:
-    """Per-sample random streams: row ``i`` of every draw comes from generator ``i`` only.
-
-    Draws happen on the CPU (so results do not depend on the device) and are moved to
-    ``device``.
-    """
-
-    def __init__(self, seeds: Sequence[int], device: torch.device | str = "cpu") -> None:
-        self.generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
-        self.device = torch.device(device)
-
-    def __len__(self) -> int:
-        return len(self.generators)
-
-    def randn(self, *shape: int) -> Tensor:
-        """Standard normal draws, ``(B, *shape)``."""
-        rows = [torch.randn(shape, generator=g) for g in self.generators]
-        return torch.stack(rows).to(self.device)
-
-    def rand(self, *shape: int) -> Tensor:
-        """Uniform [0, 1) draws, ``(B, *shape)``."""
-        rows = [torch.rand(shape, generator=g) for g in self.generators]
-        return torch.stack(rows).to(self.device)
-
-    def randint(self, high: int) -> Tensor:
-        """One integer in ``[0, high)`` per sample, ``(B,)`` int64."""
-        rows = [torch.randint(high, (1,), generator=g) for g in self.generators]
-        return torch.cat(rows).to(self.device)
-
-    def categorical(self, probs: Tensor) -> Tensor:
-        """One draw per row of ``probs`` ``(B, K)`` by inverting the CDF, ``(B,)`` int64."""
-        u = self.rand(1)  # (B, 1)
-        cdf = probs.cumsum(-1)
-        cdf = cdf / cdf[:, -1:]
-        return (cdf < u).sum(-1).clamp_(max=probs.shape[-1] - 1)
 
 
 class GenerativeModel(nn.Module, abc.ABC):

@@ -22,16 +22,9 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from torch import Tensor
 
-from services.models.base import (
-    Capability,
-    GenerativeModel,
-    LossOutput,
-    ModelConfig,
-    Noise,
-    OptionSpec,
-    ScoreKind,
-    StepCallback,
-)
+from services.core.options import OptionSpec
+from services.models.base import Capability, GenerativeModel, LossOutput, ModelConfig, ScoreKind, StepCallback
+from services.models.noise import Noise
 
 _SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}
 
@@ -76,6 +69,7 @@ class DiffusionModel(GenerativeModel):
     alphas_cumprod: Tensor
     family = "diffusion"
     Config = DiffusionConfig
+    config: DiffusionConfig  # the family's own config type (set by GenerativeModel.__init__)
     capabilities = frozenset(
         {
             Capability.SAMPLE,
@@ -104,7 +98,6 @@ class DiffusionModel(GenerativeModel):
 
     def __init__(self, config: DiffusionConfig) -> None:
         super().__init__(config)
-        self.cfg = config
         c = config
         widths = tuple(c.base_width * m for m in c.width_mults)
         last = len(widths) - 1
@@ -174,13 +167,13 @@ class DiffusionModel(GenerativeModel):
     def forward(self, x: Tensor, *, labels: Tensor | None = None, phase: str = "main") -> LossOutput:
         x0 = x * 2 - 1  # (B, C, H, W) in [-1, 1]
         b = x0.shape[0]
-        t = torch.randint(0, self.cfg.num_train_steps, (b,), device=x0.device)
+        t = torch.randint(0, self.config.num_train_steps, (b,), device=x0.device)
         eps = torch.randn_like(x0)
         x_t = self.q_sample(x0, t, eps)
         cond = None
         if self.config.num_classes:
             cond = labels if labels is not None else torch.full((b,), self.null_label, device=x0.device)
-            drop = torch.rand(b, device=x0.device) < self.cfg.cond_drop
+            drop = torch.rand(b, device=x0.device) < self.config.cond_drop
             cond = torch.where(drop, torch.full_like(cond, self.null_label), cond)
         pred = self.net(x_t, t, class_labels=cond).sample
         loss = F.mse_loss(pred, eps)
@@ -189,7 +182,7 @@ class DiffusionModel(GenerativeModel):
     # ---------------------------------------------------------------- sampling
     def _ddim_timesteps(self, steps: int) -> list[int]:
         """K timesteps, high -> low, evenly spaced and ending near t = 0 ("trailing")."""
-        T = self.cfg.num_train_steps
+        T = self.config.num_train_steps
         return [round(T - i * T / steps) - 1 for i in range(steps)]
 
     def _ab(self, t: int) -> Tensor:
@@ -254,7 +247,7 @@ class DiffusionModel(GenerativeModel):
     # -------------------------------------------------------- variational bound
     def _bound_timesteps(self, k: int) -> tuple[list[int], list[float]]:
         """About k log-spaced timesteps in [1, T-1] and the interval width each stands for."""
-        T = self.cfg.num_train_steps
+        T = self.config.num_train_steps
         grid = torch.logspace(0, math.log10(T - 1), min(k, T - 1), dtype=torch.float64)
         ts = sorted({int(t) for t in grid.round().tolist()})
         edges = [0.5] + [(a + b) / 2 for a, b in itertools.pairwise(ts)] + [T - 0.5]

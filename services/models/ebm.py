@@ -22,16 +22,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from services.models.base import (
-    Capability,
-    GenerativeModel,
-    LossOutput,
-    ModelConfig,
-    Noise,
-    OptionSpec,
-    ScoreKind,
-    StepCallback,
-)
+from services.core.options import OptionSpec
+from services.models.base import Capability, GenerativeModel, LossOutput, ModelConfig, ScoreKind, StepCallback
+from services.models.noise import Noise
 
 
 @dataclass(frozen=True)
@@ -75,6 +68,7 @@ class EnergyModel(GenerativeModel):
     init_chol: Tensor
     family = "ebm"
     Config = EBMConfig
+    config: EBMConfig  # the family's own config type (set by GenerativeModel.__init__)
     capabilities = frozenset({Capability.SAMPLE, Capability.LOG_PROB})
     score_kind = ScoreKind.UNNORMALIZED
     train_defaults = {"lr": 3e-4, "betas": (0.5, 0.999), "batch_size": 64, "epochs": 60,
@@ -82,7 +76,6 @@ class EnergyModel(GenerativeModel):
 
     def __init__(self, config: EBMConfig) -> None:
         super().__init__(config)
-        self.cfg = config
         self.energy = _EnergyNet(config)
         d = self.num_dims
         # the initializer: a Gaussian in [-1, 1] data space, fitted by prepare()
@@ -90,7 +83,7 @@ class EnergyModel(GenerativeModel):
         self.register_buffer("init_chol", torch.eye(d))
 
     def option_specs(self) -> dict[str, OptionSpec]:
-        c = self.cfg
+        c = self.config
         return {
             "steps": OptionSpec("int", c.sampling_steps, "Langevin steps per chain", min=0,
                                 max=1000, cost=True),
@@ -105,7 +98,7 @@ class EnergyModel(GenerativeModel):
     def prepare(self, x: Tensor, labels: Tensor | None) -> None:
         """Fit the Gaussian initializer to the training images (labels are not used)."""
         flat = (x * 2 - 1).flatten(1).double()  # (N, D)
-        cov = torch.cov(flat.T) + self.cfg.init_shrinkage * torch.eye(flat.shape[1],
+        cov = torch.cov(flat.T) + self.config.init_shrinkage * torch.eye(flat.shape[1],
                                                                       dtype=torch.float64)
         self.init_mean.copy_(flat.mean(0).float())
         self.init_chol.copy_(torch.linalg.cholesky(cov).float())
@@ -136,7 +129,7 @@ class EnergyModel(GenerativeModel):
 
     # ----------------------------------------------------------------- training
     def forward(self, x: Tensor, *, labels: Tensor | None = None, phase: str = "main") -> LossOutput:
-        c = self.cfg
+        c = self.config
         b = x.shape[0]
         pos = (x * 2 - 1 + c.data_noise * torch.randn_like(x)).clamp(-1, 1)
         start = self._init_draw(torch.randn(b, self.num_dims, device=x.device))

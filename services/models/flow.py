@@ -29,16 +29,9 @@ import zuko
 from torch import Tensor
 
 from services.core.errors import InvalidArgument
-from services.models.base import (
-    Capability,
-    GenerativeModel,
-    LossOutput,
-    ModelConfig,
-    Noise,
-    OptionSpec,
-    ScoreKind,
-    StepCallback,
-)
+from services.core.options import OptionSpec
+from services.models.base import Capability, GenerativeModel, LossOutput, ModelConfig, ScoreKind, StepCallback
+from services.models.noise import Noise
 
 _DENSITY_ROWS = 8192  # rows per density evaluation when scoring (bounds memory)
 
@@ -61,6 +54,7 @@ class FlowModel(GenerativeModel):
     class_prior: Tensor
     family = "flow"
     Config = FlowConfig
+    config: FlowConfig  # the family's own config type (set by GenerativeModel.__init__)
     capabilities = frozenset({Capability.SAMPLE, Capability.CONDITIONAL, Capability.LOG_PROB,
                               Capability.ENCODE, Capability.DECODE})
     score_kind = ScoreKind.LOWER_BOUND
@@ -78,7 +72,6 @@ class FlowModel(GenerativeModel):
 
     def __init__(self, config: FlowConfig) -> None:
         super().__init__(config)
-        self.cfg = config
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)  # the random permutations are part of the architecture
             self.flow = zuko.flows.NSF(
@@ -97,23 +90,23 @@ class FlowModel(GenerativeModel):
         self._fit_class_prior(labels)
 
     def _context(self, labels: Tensor | None) -> Tensor | None:
-        if not self.cfg.num_classes:
+        if not self.config.num_classes:
             return None
         if labels is None:
             raise InvalidArgument("labels", "this flow is class-conditional: pass labels")
-        return F.one_hot(labels, self.cfg.num_classes).float()
+        return F.one_hot(labels, self.config.num_classes).float()
 
     # --------------------------------------------------------------- transforms
     def _to_logit(self, y: Tensor) -> tuple[Tensor, Tensor]:
         """y in (0, 1)^D -> s and log|det ds/dy| (B,)."""
-        a = self.cfg.alpha
+        a = self.config.alpha
         p = a + (1 - 2 * a) * y
         s = torch.log(p) - torch.log1p(-p)
         ladj = (math.log(1 - 2 * a) - torch.log(p) - torch.log1p(-p)).sum(1)
         return s, ladj
 
     def _from_logit(self, s: Tensor) -> Tensor:
-        a = self.cfg.alpha
+        a = self.config.alpha
         return ((torch.sigmoid(s) - a) / (1 - 2 * a)).clamp(0.0, 1.0 - 1e-6)
 
     def log_density(self, y: Tensor, labels: Tensor | None = None) -> Tensor:
@@ -128,7 +121,7 @@ class FlowModel(GenerativeModel):
         levels = self.config.levels
         k = self.to_levels(x).flatten(1).float()  # (B, D)
         y = (k + torch.rand_like(k)) / levels
-        labels = labels if self.cfg.num_classes else None
+        labels = labels if self.config.num_classes else None
         nll = -(self.log_density(y, labels) - self.num_dims * math.log(levels))  # nats, (B,)
         loss = nll.mean() / self.num_dims
         return LossOutput(loss, {"bits_per_dim": float(loss.detach()) / math.log(2)})
@@ -142,7 +135,7 @@ class FlowModel(GenerativeModel):
     def _sample(self, noise: Noise, *, labels: Tensor | None, callback: StepCallback | None,
                 temperature: float) -> Tensor:
         z = noise.randn(self.num_dims) * temperature  # (B, D)
-        if self.cfg.num_classes and labels is None:
+        if self.config.num_classes and labels is None:
             labels = noise.categorical(self.class_prior.expand(len(noise), -1))
         out = self._decode(z.view(-1, *self.data_shape), labels=labels, callback=None,
                            temperature=temperature)
@@ -172,12 +165,12 @@ class FlowModel(GenerativeModel):
         for lo in range(0, samples, per_pass):
             n = min(per_pass, samples - lo)
             y = ((k + u[lo:lo + n]) / levels).flatten(0, 1)  # (S'*B, D)
-            if labels is not None or not self.cfg.num_classes:
+            if labels is not None or not self.config.num_classes:
                 rep = None if labels is None else labels.repeat(n)
                 parts.append(self.log_density(y, rep).view(n, b))  # (S', B)
             else:  # exact class marginal of the density: log sum_c pi_c p(y | c)
                 cols = []
-                for c in range(self.cfg.num_classes):
+                for c in range(self.config.num_classes):
                     cols.append(self.log_density(y, torch.full((n * b,), c, device=y.device)))
                     self._step(callback, lo + n, samples)
                 per_class = torch.stack(cols, dim=1)  # (S'*B, K)

@@ -20,15 +20,9 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from services.core.errors import InvalidArgument
-from services.models.base import (
-    Capability,
-    GenerativeModel,
-    LossOutput,
-    ModelConfig,
-    Noise,
-    OptionSpec,
-    StepCallback,
-)
+from services.core.options import OptionSpec
+from services.models.base import Capability, GenerativeModel, LossOutput, ModelConfig, StepCallback
+from services.models.noise import Noise
 
 
 @dataclass(frozen=True)
@@ -102,6 +96,7 @@ class _Discriminator(nn.Module):
 class GANModel(GenerativeModel):
     family = "gan"
     Config = GANConfig
+    config: GANConfig  # the family's own config type (set by GenerativeModel.__init__)
     capabilities = frozenset({Capability.SAMPLE, Capability.CONDITIONAL, Capability.DECODE})
     phases = ("discriminator", "generator")
     sampler_options = {
@@ -115,7 +110,6 @@ class GANModel(GenerativeModel):
 
     def __init__(self, config: GANConfig) -> None:
         super().__init__(config)
-        self.cfg = config
         self.generator = _Generator(config)
         self.discriminator = _Discriminator(config)
 

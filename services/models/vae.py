@@ -20,16 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from services.models.base import (
-    Capability,
-    GenerativeModel,
-    LossOutput,
-    ModelConfig,
-    Noise,
-    OptionSpec,
-    ScoreKind,
-    StepCallback,
-)
+from services.core.options import OptionSpec
+from services.models.base import Capability, GenerativeModel, LossOutput, ModelConfig, ScoreKind, StepCallback
+from services.models.noise import Noise
 
 _DECODE_ROWS = 4096  # latents per decoder pass when scoring (bounds memory)
 
@@ -51,6 +44,7 @@ class VAEModel(GenerativeModel):
     steps_seen: Tensor
     family = "vae"
     Config = VAEConfig
+    config: VAEConfig  # the family's own config type (set by GenerativeModel.__init__)
     capabilities = frozenset({Capability.SAMPLE, Capability.CONDITIONAL, Capability.LOG_PROB,
                               Capability.ENCODE, Capability.DECODE})
     score_kind = ScoreKind.LOWER_BOUND
@@ -70,7 +64,6 @@ class VAEModel(GenerativeModel):
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__(config)
-        self.cfg = config
         c = config
         w, half = c.width, c.image_size // 2
         k = c.num_classes

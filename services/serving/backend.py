@@ -1,218 +1,87 @@
-"""The gateway's view of the Serve app: DeploymentHandle calls with deadlines, and Ray's
-failures turned into genfleet's errors (DESIGN.md §4, §7).
+"""What the gateway calls: ``Backend``, the request logic every backend shares.
 
-- The client's deadline is enforced here: when it passes, the handle's response is
-  cancelled (the replica's token stops the sampler) and DeadlineExceeded is raised.
-- ``BackPressureError`` (``max_queued_requests`` reached) -> Overloaded.
-- No replica there yet (starting, restarting) -> waited for with backoff while the
-  deadline allows, then ModelNotReady (UNAVAILABLE, with a retry delay for the client).
-- A replica that died while it held a call: every call is a pure function of its request
-  (seeded sampling), so it is retried once, on another replica or the restarted one. A
-  call during which a second replica dies is not retried again (a poison request must not
-  walk through the fleet): it fails with INTERNAL and a log line naming its request id.
-- Generate requests are coalesced per model (``services.serving.coalesce``) with the
-  deployment's own dynamic-batching settings, read from a replica and cached for
-  ``info_ttl_s``: one Ray call per group instead of one per request. A group that fails
-  (a replica died holding it, or anything unexpected) is sent again one request at a
-  time, each in a forward pass of its own, so that only a request that fails alone fails.
-"""
+Two implementations: ``services.serving.serve_backend.ServeBackend`` (the Serve
+application's replicas, over Ray) and ``services.serving.inprocess.InProcessBackend``
+(replica engines in this process, no Ray). This module imports neither Ray nor torch."""
 
 from __future__ import annotations
 
 import asyncio
-import logging
-import time
-import uuid
-from typing import Any
-
-from ray import serve
-from ray.exceptions import ActorUnavailableError, RayActorError
-from ray.serve.exceptions import (
-    BackPressureError,
-    DeploymentUnavailableError,
-    ReplicaUnavailableError,
-    RequestCancelledError,
-)
-from ray.serve.handle import DeploymentHandle
 
 from services.core import api, validation
-from services.core.errors import (
-    Cancelled,
-    DeadlineExceeded,
-    Internal,
-    ModelNotReady,
-    Overloaded,
-)
-from services.serving.backends import BaseBackend
-from services.serving.coalesce import Coalescer
-from services.serving.server import failure
-
-log = logging.getLogger("genfleet.backend")
-# no replica to take the call right now (not started, restarting, unreachable for a moment)
-_NO_REPLICA = (ActorUnavailableError, DeploymentUnavailableError, ReplicaUnavailableError)
-# these fail every request of a coalesced group alike: no point in retrying one by one
-_GROUP_WIDE = (Overloaded, DeadlineExceeded, Cancelled, ModelNotReady)
+from services.core.errors import ModelNotFound
+from services.core.store import parse_ref
 
 
-class ReplicaDied(Internal):
-    """A replica died while it held this call, and the call may not be retried again."""
+class Backend:
+    """Resolution of ``name[@version]``, validation (``services.core.validation``, before
+    any work or coalescing) and the typed calls; subclasses provide ``model_names``,
+    ``info``, ``healthy`` and ``_call``."""
 
-    @classmethod
-    def twice(cls, name: str, method: str, exc: BaseException) -> ReplicaDied:
-        request_id = uuid.uuid4().hex[:12]
-        log.error("request %s: a replica of %s died while it ran %s, on the retry too (%s); "
-                  "not retried again", request_id, name, method, type(exc).__name__)
-        return cls(f"a replica of {name} died while running this request, and again on its "
-                   f"retry; it is not retried again (request id {request_id})")
-
-
-class ServeBackend(BaseBackend):
-    """Calls the model deployments of the Serve application ``app_name``."""
-
-    def __init__(self, app_name: str = "genfleet", *, retries: int = 5,
-                 info_ttl_s: float = 2.0) -> None:
-        self.app_name = app_name
-        self.retries = retries
-        self.info_ttl_s = info_ttl_s
-        self._handles: dict[str, DeploymentHandle] = {}
-        self._names: list[str] | None = None
-        self._infos: dict[str, tuple[float, api.ModelInfo]] = {}
-        self._batching: dict[str, tuple[float, tuple[int, float]]] = {}
-        self.coalescers: dict[str, Coalescer[api.GenerateRequest, Any]] = {}
-
-    # ---------------------------------------------------------------- models
     async def model_names(self, refresh: bool = False) -> list[str]:
-        if self._names is None or refresh:
-            try:
-                directory = serve.get_app_handle(self.app_name)
-                self._names = list(await directory.list.remote())
-            except (RayActorError, *_NO_REPLICA) as exc:
-                raise ModelNotReady(f"the {self.app_name} application is not ready") from exc
-            except (ValueError, RuntimeError) as exc:  # app not deployed
-                raise ModelNotReady(f"the {self.app_name} application is not running") from exc
-        return self._names
-
-    def _handle(self, name: str) -> DeploymentHandle:
-        if name not in self._handles:
-            self._handles[name] = serve.get_deployment_handle(name, self.app_name)
-        return self._handles[name]
+        raise NotImplementedError
 
     async def info(self, name: str, *, refresh: bool = False) -> api.ModelInfo:
-        cached = self._infos.get(name)
-        if cached and not refresh and time.monotonic() - cached[0] < self.info_ttl_s:
-            return cached[1]
-        result = await self._call(name, "info", None, None)
-        self._infos[name] = (time.monotonic(), result)
-        return result
-
-    async def batching(self, name: str) -> tuple[int, float]:
-        """The deployment's (max_batch_size, batch_wait_timeout_s), cached like ``info``."""
-        cached = self._batching.get(name)
-        if cached and time.monotonic() - cached[0] < self.info_ttl_s:
-            return cached[1]
-        settings = await self._call(name, "batch_settings", None, None)
-        value = (int(settings["max_batch_size"]), float(settings["batch_wait_timeout_s"]))
-        self._batching[name] = (time.monotonic(), value)
-        return value
+        raise NotImplementedError
 
     async def healthy(self, name: str | None = None) -> bool:
-        """Overall (any model) or one model: a running replica answers ``info``."""
-        try:
-            names = [name] if name else await self.model_names()
-            for n in names:
-                await asyncio.wait_for(self.info(n), timeout=5.0)
-            return True
-        except Exception:
-            return False
+        raise NotImplementedError
 
-    # ----------------------------------------------------------------- calls
+    # one typed hook per replica method: the request is resolved and validated already
+    async def _generate(self, name: str, request: api.GenerateRequest) -> api.GenerateResult:
+        raise NotImplementedError
+
+    async def _score(self, name: str, request: api.ScoreRequest) -> api.ScoreResult:
+        raise NotImplementedError
+
+    async def _encode(self, name: str, request: api.EncodeRequest) -> api.EncodeResult:
+        raise NotImplementedError
+
+    async def _decode(self, name: str, request: api.DecodeRequest) -> api.DecodeResult:
+        raise NotImplementedError
+
+    async def list_models(self) -> list[api.ModelInfo]:
+        names = await self.model_names()
+        return list(await asyncio.gather(*(self.info(n) for n in names)))
+
+    async def resolve(self, ref: str) -> api.ModelInfo:
+        """``name`` or ``name@version`` -> the served model's info.
+
+        Raises:
+            ModelNotFound: the name is not served, or it serves another version.
+        """
+        name, version = parse_ref(ref)
+        names = await self.model_names()
+        if name not in names:
+            raise ModelNotFound(f"no model named {name!r} is served (served: {names})")
+        info = await self.info(name)
+        if version is not None and info.version != version:
+            info = await self.info(name, refresh=True)  # a rollout may have just finished
+            if info.version != version:
+                raise ModelNotFound(f"{name} serves version {info.version}; "
+                                    f"version {version} is not being served")
+        return info
+
+    async def open_stream(self, request: api.GenerateRequest, chunk: int | None
+                          ) -> tuple[api.GenerateRequest, int]:
+        """Validate a GenerateStream as a whole (its total against ``max_samples_per_stream``)
+        before its first chunk; returns the checked request and the chunk size."""
+        info = await self.resolve(request.model)
+        chunk = chunk or min(info.limits.max_samples_per_request, 16)
+        return validation.check_generate(request, info, chunk=chunk), chunk
+
     async def generate(self, request: api.GenerateRequest) -> api.GenerateResult:
         info = await self.resolve(request.model)
-        request = validation.check_generate(request, info)  # before it joins a group
-        max_size, wait_s = await self.batching(info.name)
-        if max_size <= 1:  # batching off: every request alone, no coalescing either
-            alone: api.GenerateResult = await self._call(info.name, "generate", request,
-                                                         request.deadline)
-            return alone
-        coalescer = self.coalescers.get(info.name)
-        if coalescer is None:
-            async def send(group: list[api.GenerateRequest], name: str = info.name) -> list[Any]:
-                return await self._send_group(name, group)
-            coalescer = self.coalescers[info.name] = Coalescer(send)
-        timeout = None if request.deadline is None else max(0.0, request.deadline - time.time())
-        try:
-            result = await asyncio.wait_for(coalescer.submit(request, max_size, wait_s), timeout)
-        except TimeoutError:
-            raise DeadlineExceeded(f"deadline passed while {info.name}.generate ran") from None
-        generated: api.GenerateResult = api.unwrap(result)
-        return generated
+        return await self._generate(info.name, validation.check_generate(request, info))
 
-    async def _send_group(self, name: str, group: list[api.GenerateRequest]) -> list[Any]:
-        """One coalesced group -> one result (or ErrorResult) per request, in order."""
-        deadlines = [r.deadline for r in group]
-        deadline = None if None in deadlines else max(d for d in deadlines if d)
-        try:
-            results: list[Any] = await self._call(name, "generate_batch", group, deadline,
-                                                  unwrap=False, deaths_allowed=0)
-            return results
-        except _GROUP_WIDE:
-            raise
-        except Exception as exc:  # a replica died holding the group, or a bug: one by one
-            died = isinstance(exc, ReplicaDied)
-            log.warning("%s: a group of %d requests failed (%s); sending each on its own",
-                        name, len(group), type(exc).__name__)
-            return list(await asyncio.gather(*(self._send_alone(name, r, died) for r in group)))
+    async def score(self, request: api.ScoreRequest) -> api.ScoreResult:
+        info = await self.resolve(request.model)
+        return await self._score(info.name, validation.check_score(request, info))
 
-    async def _send_alone(self, name: str, request: api.GenerateRequest, died: bool) -> Any:
-        """``request`` in a forward pass of its own; ``died``: a replica already died while
-        it held this request, so a second death fails it."""
-        try:
-            results = await self._call(name, "generate_batch", [request], request.deadline,
-                                       unwrap=False, deaths_allowed=0 if died else 1,
-                                       isolated=True)
-            return results[0]
-        except Exception as exc:
-            return failure(exc, f"{name}.generate")
+    async def encode(self, request: api.EncodeRequest) -> api.EncodeResult:
+        info = await self.resolve(request.model)
+        return await self._encode(info.name, validation.check_encode(request, info))
 
-    async def _call(self, name: str, method: str, request: Any, deadline: float | None, *,
-                    unwrap: bool = True, deaths_allowed: int = 1, isolated: bool = False) -> Any:
-        """``method`` of a replica of ``name``; ``deaths_allowed``: replica deaths during
-        this call that are retried; ``isolated``: pass ``isolated=True`` (generate_batch)."""
-        deaths = waits = 0
-        while True:
-            handle = self._handle(name)
-            call = getattr(handle, method)
-            args = () if request is None else (request, True) if isolated else (request,)
-            response = call.remote(*args)
-            timeout = None if deadline is None else max(0.0, deadline - time.time())
-            try:
-                result = await asyncio.wait_for(response, timeout=timeout)
-            except TimeoutError:
-                response.cancel()  # the replica's cancel token stops the sampler
-                raise DeadlineExceeded(f"deadline passed while {name}.{method} ran") from None
-            except asyncio.CancelledError:
-                response.cancel()  # the client went away
-                raise
-            except BackPressureError as exc:
-                raise Overloaded(f"{name} is at its queue limit; retry with backoff") from exc
-            except RequestCancelledError as exc:
-                raise DeadlineExceeded(f"{name}.{method} was cancelled") from exc
-            except _NO_REPLICA as exc:
-                waits += 1
-                pause = min(1.0, 0.1 * 2 ** waits)
-                in_time = deadline is None or deadline - time.time() > pause + 0.1
-                if waits > self.retries or not in_time:
-                    raise ModelNotReady(f"no replica of {name} is available now "
-                                        f"({type(exc).__name__}); retry shortly") from exc
-                log.warning("%s.%s: no replica available, waiting (%d)", name, method, waits)
-                await asyncio.sleep(pause)
-                continue
-            except RayActorError as exc:  # the replica died while it held this call
-                deaths += 1
-                if deaths > deaths_allowed:
-                    raise ReplicaDied.twice(name, method, exc) from exc
-                log.warning("%s.%s: the replica died during the call; retrying it once",
-                            name, method)
-                await asyncio.sleep(0.2)
-                continue
-            return api.unwrap(result) if unwrap else result
+    async def decode(self, request: api.DecodeRequest) -> api.DecodeResult:
+        info = await self.resolve(request.model)
+        return await self._decode(info.name, validation.check_decode(request, info))

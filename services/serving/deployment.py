@@ -36,8 +36,8 @@ from ray import serve
 from services.core import api
 from services.core.errors import CheckpointError, GenfleetError, ModelNotReady
 from services.serving.coalesce import MergingRunner
+from services.serving.engine import CancelToken, ReplicaEngine, failure
 from services.serving.metrics import ReplicaMetrics
-from services.serving.server import CancelToken, ModelServer, failure
 
 log = logging.getLogger("genfleet.serving")
 T = TypeVar("T")
@@ -56,7 +56,7 @@ class ModelDeployment:
         self._store_root = store_root
         self._kwargs: dict[str, Any] = {"device": device, "autocast": autocast,
                                         "limits": api.Limits(**(limits or {}))}
-        self._server: ModelServer | None = None
+        self._engine: ReplicaEngine | None = None
         self._max_batch_size = 32
         self._runner: MergingRunner[Item, api.GenerateResult | api.ErrorResult] = MergingRunner(
             self._run_batch, lambda: self._max_batch_size)
@@ -70,18 +70,18 @@ class ModelDeployment:
         version = config.get("version")
         if self._reporter is None:
             self._reporter = asyncio.get_running_loop().create_task(self._report_load())
-        if self._server is None:
-            self._server = await asyncio.to_thread(
-                ModelServer, self._store_root, self._name, version, **self._kwargs)
-            self._metrics = ReplicaMetrics(self._name, self._server.info.family)
-            self._server.observer = self._metrics
-        elif version is None or int(version) != self._server.version:
+        if self._engine is None:
+            self._engine = await asyncio.to_thread(
+                ReplicaEngine, self._store_root, self._name, version, **self._kwargs)
+            self._metrics = ReplicaMetrics(self._name, self._engine.info.family)
+            self._engine.observer = self._metrics
+        elif version is None or int(version) != self._engine.version:
             # load beside the served version; the swap is one assignment
             try:
-                info = await asyncio.to_thread(self._server.load, version)
+                info = await asyncio.to_thread(self._engine.load, version)
             except CheckpointError as exc:  # a broken version is never served
                 log.error("%s: rollout to version %s refused, still serving version %d: %s",
-                          self._name, version, self._server.version, exc)
+                          self._name, version, self._engine.version, exc)
             else:
                 log.info("%s now serves version %d", self._name, info.version)
         batcher: Any = self._batched  # the @serve.batch wrapper carries its setters
@@ -91,10 +91,10 @@ class ModelDeployment:
         if "batch_wait_timeout_s" in config:
             batcher.set_batch_wait_timeout_s(float(config["batch_wait_timeout_s"]))
 
-    def _ready(self) -> ModelServer:
-        if self._server is None:
+    def _ready(self) -> ReplicaEngine:
+        if self._engine is None:
             raise ModelNotReady(f"{self._name} has not loaded a checkpoint yet")
-        return self._server
+        return self._engine
 
     async def info(self) -> api.ModelInfo | api.ErrorResult:
         try:
@@ -104,7 +104,7 @@ class ModelDeployment:
 
     async def batch_sizes(self) -> dict[int, int]:
         """Requests per dynamic batch this replica has run -> how many such batches."""
-        return dict(self._server.batch_sizes) if self._server else {}
+        return dict(self._engine.batch_sizes) if self._engine else {}
 
     def load(self) -> dict[str, int]:
         """Generate requests in this replica: waiting for a batch, and in the running one."""

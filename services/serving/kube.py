@@ -25,8 +25,9 @@ from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
 from services.core.store import ModelStore
-from services.serving.app import build_app, pin_versions, save_state
+from services.serving.app import build_app, pin_versions
 from services.serving.config import DEFAULT_CONFIG, ServeConfig, merge, parse_config, read_yaml
+from services.serving.operations import save_state
 
 BUILDER = "services.serving.kube:build"
 STORE = "/store/models"  # where deploy/k8s mounts the shared model store in every pod

@@ -27,7 +27,7 @@ def make(spec: specs.MetricSpec) -> Any:
 
 
 class ReplicaMetrics:
-    """One replica's metrics: every computed batch (``ModelServer``'s observer) and the
+    """One replica's metrics: every computed batch (``ReplicaEngine``'s observer) and the
     load it reports every second."""
 
     def __init__(self, model: str, family: str) -> None:

@@ -1,14 +1,18 @@
-"""One training loop for every family.
+"""One training loop for every family, in-process or inside Ray Train.
 
-``Trainer.step`` is the unit the distributed job reuses: it runs each phase of the
-family through ``module`` (the model itself, or its DDP wrapper) and steps that phase's
-optimiser. ``fit`` adds the in-process driver: shuffling, EMA, validation, a time
-budget, a progress bar, and selection of the best validation checkpoint.
+- ``Trainer.step``: each phase of the family through ``module`` (the model itself, or its
+  DDP wrapper), then that phase's optimiser; EMA of the weights when enabled.
+- ``run_epochs``: the epoch loop both ``fit`` (``genfleet train --local``) and the Ray
+  Train worker (``cluster.train.job``) run: shuffling (one permutation per epoch, seeded by
+  the epoch, split across ranks), averaged losses, validation, the time budget, and the
+  best validation weights. A distributed run passes its rank, world size, an all-reduce
+  and a per-epoch callback (checkpoints); that is all it adds.
+- ``final_weights``: the weights to serve from a run's state (best validation, else EMA,
+  else the trained weights), whether the state is live or read back from a checkpoint.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import time
@@ -53,9 +57,11 @@ class TrainConfig:
             raise InvalidArgument("ema_decay", "must be in [0, 1)")
 
     @classmethod
-    def for_model(cls, model: GenerativeModel, **overrides: Any) -> TrainConfig:
-        """The family's defaults, then ``overrides`` (None values are ignored)."""
-        values = {**model.train_defaults, **{k: v for k, v in overrides.items() if v is not None}}
+    def for_family(cls, family: type[GenerativeModel], **overrides: Any) -> TrainConfig:
+        """The family's defaults (a class attribute), then ``overrides`` (None values are
+        ignored)."""
+        values = {**family.train_defaults,
+                  **{k: v for k, v in overrides.items() if v is not None}}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
@@ -138,6 +144,26 @@ class Trainer:
             self.ema.update_parameters(self.model)
         return metrics
 
+    def state_dict(self) -> dict[str, Any]:
+        """Model, EMA, optimisers, schedulers and the step count (a checkpoint's body)."""
+        return {
+            "step_count": self.step_count,
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict() if self.ema is not None else None,
+            "optimizers": {k: o.state_dict() for k, o in self.optimizers.items()},
+            "schedulers": {k: s.state_dict() for k, s in self.schedulers.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        for k, opt in self.optimizers.items():
+            opt.load_state_dict(state["optimizers"][k])
+        for k, sched in self.schedulers.items():
+            sched.load_state_dict(state["schedulers"][k])
+        if self.ema is not None and state["ema"] is not None:
+            self.ema.load_state_dict(state["ema"])
+        self.step_count = int(state["step_count"])
+
     def inference_model(self) -> GenerativeModel:
         """The weights to evaluate and serve: the EMA copy when enabled."""
         if self.ema is None:
@@ -202,55 +228,134 @@ def validation_loss(model: GenerativeModel, data: Dataset, batch_size: int = 256
     return total / count
 
 
-def fit(model: GenerativeModel, splits: Splits, config: TrainConfig, *,
-        progress: bool = True, log: Callable[[dict[str, float]], None] | None = None
-        ) -> TrainResult:
-    """Train ``model`` in-process on ``splits.train``; validate on ``splits.val``."""
-    torch.manual_seed(config.seed)
-    device = model.device
-    x, y = tensors(splits.train, device)
-    model.prepare(x, y)
-    per_epoch = max(1, steps_per_epoch(len(x), config.batch_size))
-    trainer = Trainer(model, config, total_steps=per_epoch * config.epochs)
-    gen = torch.Generator().manual_seed(config.seed)
-    history: list[dict[str, float]] = []
+def noise_seed(seed: int, rank: int = 0, resumed: int = 0) -> int:
+    """The torch seed of training noise: per rank, and per attempt of a resumed run."""
+    return seed + 7919 * (rank + 1) + resumed
+
+
+@dataclass
+class Run:
+    """Where a run of ``run_epochs`` stands: its rows, and the best validation weights."""
+
+    history: list[dict[str, float]] = field(default_factory=list)
     best_val: float | None = None
     best_state: dict[str, Tensor] | None = None
-    start = time.perf_counter()
-    deadline = start + config.max_minutes * 60 if config.max_minutes > 0 else math.inf
-    seen = 0
-    model.train()
-    bar = tqdm(total=config.epochs, desc=f"train {model.family}", unit="epoch",
+    epoch: int = 0  # the last epoch finished
+    samples: int = 0  # this rank's samples in this attempt
+    seconds: float = 0.0  # wall time of this attempt
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "history": self.history, "best_val": self.best_val,
+                "best_state": self.best_state}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> Run:
+        return cls(history=[dict(h) for h in state["history"]], best_val=state["best_val"],
+                   best_state=state["best_state"], epoch=int(state["epoch"]))
+
+
+def run_epochs(trainer: Trainer, x: Tensor, y: Tensor | None, val: Dataset | None, *,
+               run: Run | None = None, rank: int = 0, world: int = 1,
+               all_reduce: Callable[[Tensor], None] | None = None,
+               on_epoch: Callable[[Run, dict[str, float]], None] | None = None,
+               progress: bool = False, desc: str = "train") -> Run:
+    """Train from ``run.epoch + 1`` to ``config.epochs`` (or until ``max_minutes``).
+
+    Args:
+        trainer: optimisers and step; its model is in train mode on return.
+        x, y: the whole training split (every rank holds it; each takes its share).
+        val: validation data, evaluated on rank 0 only (None or empty: none).
+        run: the state to continue (a resumed job); a new one when None.
+        rank, world, all_reduce: distributed training; ``all_reduce`` sums a tensor
+            across the ranks in place, so every rank sees the same losses and stops at the
+            same epoch.
+        on_epoch: called on every rank after each epoch with the run and the epoch's row.
+        progress: a progress bar (in-process runs).
+    """
+    config = trainer.config
+    run = run or Run()
+    resumed = run.epoch
+    per_epoch = max(1, steps_per_epoch(len(x), config.batch_size, world))
+    started = time.perf_counter()
+    deadline = started + config.max_minutes * 60 if config.max_minutes > 0 else math.inf
+    trainer.model.train()
+    bar = tqdm(total=config.epochs, initial=resumed, desc=desc, unit="epoch",
                disable=not progress, dynamic_ncols=True)
-    epoch = 0
-    for epoch in range(1, config.epochs + 1):
+    for epoch in range(resumed + 1, config.epochs + 1):
+        epoch_start = time.perf_counter()
         sums: dict[str, float] = {}
-        for xb, yb in batches(x, y, config.batch_size, gen):
+        seen = 0
+        # one permutation per epoch, seeded by the epoch: a resumed run sees the same order
+        gen = torch.Generator().manual_seed(config.seed * 100_003 + epoch)
+        for xb, yb in batches(x, y, config.batch_size, gen, rank=rank, world=world):
             for k, v in trainer.step(xb, yb).items():
                 sums[k] = sums.get(k, 0.0) + v
             seen += len(xb)
-        row = {"epoch": float(epoch), **{k: v / per_epoch for k, v in sums.items()}}
-        out_of_time = time.perf_counter() >= deadline
-        if splits.val is not None and len(splits.val) and (
-            epoch % config.val_every == 0 or epoch == config.epochs or out_of_time
-        ):
-            val = validation_loss(trainer.inference_model(), splits.val)
-            row["val_loss"] = val
-            if config.select_best and (best_val is None or val < best_val):
-                best_val = val
-                best_state = copy.deepcopy(trainer.inference_model().state_dict())
-        history.append(row)
-        if log is not None:
-            log(row)
-        bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "epoch"}, refresh=False)
+        names = sorted(sums)
+        out_of_time = float(time.perf_counter() >= deadline)
+        totals = torch.tensor([sums[k] for k in names] + [float(seen), out_of_time],
+                              dtype=torch.float64, device=x.device)
+        if all_reduce is not None:
+            all_reduce(totals)  # losses averaged over ranks, samples summed, any rank's clock
+        values = totals.tolist()
+        stop = values[-1] > 0
+        seconds = time.perf_counter() - epoch_start
+        row: dict[str, float] = {
+            "epoch": float(epoch),
+            **{k: v / (per_epoch * world) for k, v in zip(names, values[:-2], strict=True)},
+            "samples_per_s": values[-2] / seconds, "resumed_from": float(resumed)}
+        last = epoch == config.epochs or stop
+        if rank == 0 and val is not None and len(val) and (epoch % config.val_every == 0
+                                                           or last):
+            model = trainer.inference_model()
+            row["val_loss"] = validation_loss(model, val)
+            if config.select_best and (run.best_val is None or row["val_loss"] < run.best_val):
+                run.best_val = row["val_loss"]
+                run.best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            trainer.model.train()
+        run.history.append(row)
+        run.epoch = epoch
+        run.samples += seen
+        run.seconds = time.perf_counter() - started
+        if on_epoch is not None:
+            on_epoch(run, row)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in row.items()
+                         if k not in ("epoch", "resumed_from")}, refresh=False)
         bar.update(1)
-        if out_of_time:
+        if stop:
             break
     bar.close()
-    seconds = time.perf_counter() - start
-    final = trainer.inference_model()
-    if best_state is not None:
-        final.load_state_dict(best_state)
-    final.eval()
-    return TrainResult(final, history, trainer.step_count, epoch, seconds, seen / seconds,
-                       best_val)
+    return run
+
+
+def final_weights(state: dict[str, Any]) -> dict[str, Tensor]:
+    """The weights to evaluate and serve from a run's state (``Trainer.state_dict`` merged
+    with ``Run.state_dict``): the best validation weights when kept, else the EMA, else
+    the trained weights."""
+    if state.get("best_state") is not None:
+        best: dict[str, Tensor] = state["best_state"]
+        return best
+    if state.get("ema") is not None:  # AveragedModel's keys: "module.<name>" + n_averaged
+        return {k.removeprefix("module."): v for k, v in state["ema"].items()
+                if k.startswith("module.")}
+    model: dict[str, Tensor] = state["model"]
+    return model
+
+
+def fit(model: GenerativeModel, splits: Splits, config: TrainConfig, *,
+        progress: bool = True, log: Callable[[dict[str, float]], None] | None = None
+        ) -> TrainResult:
+    """Train ``model`` in-process on ``splits.train``; validate on ``splits.val``; the
+    returned model holds ``final_weights`` in eval mode."""
+    x, y = tensors(splits.train, model.device)
+    model.prepare(x, y)
+    per_epoch = max(1, steps_per_epoch(len(x), config.batch_size))
+    trainer = Trainer(model, config, total_steps=per_epoch * config.epochs)
+    torch.manual_seed(noise_seed(config.seed))
+    run = run_epochs(trainer, x, y, splits.val, progress=progress, desc=f"train {model.family}",
+                     on_epoch=None if log is None else (lambda _, row: log(row)))
+    model.load_state_dict(final_weights({**trainer.state_dict(), **run.state_dict()}))
+    model.eval()
+    seconds = max(run.seconds, 1e-9)
+    return TrainResult(model, run.history, trainer.step_count, run.epoch, seconds,
+                       run.samples / seconds, run.best_val)

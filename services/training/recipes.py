@@ -1,8 +1,8 @@
-"""From a data spec to a trained, evaluated checkpoint in the store.
+"""From a training spec to a trained, evaluated checkpoint in the store.
 
-``model_config`` fills the data-dependent fields of a family's config (shape, levels,
-classes) from the dataset; ``train_and_save`` runs the in-process loop, evaluates the
-result and writes a new version to the model store.
+``train_and_save`` runs the in-process loop (``genfleet train --local``, ``zoo``, ``up``
+for a family without a checkpoint); ``export`` evaluates a trained model and writes a new
+version to the model store (the Ray Train job's driver calls it too).
 """
 
 from __future__ import annotations
@@ -10,34 +10,16 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from services.core import data as datasets
-from services.core.errors import InvalidArgument
 from services.core.store import Checkpoint, ModelStore
 from services.models import GenerativeModel, ModelConfig, model_class
-from services.training.loop import TrainConfig, TrainResult, fit
-
-
-def model_config(family: str, data: datasets.Dataset,
-                 overrides: Mapping[str, Any] | None = None) -> ModelConfig:
-    """The family's default config, fitted to ``data``'s shape, then ``overrides``."""
-    klass = model_class(family)
-    fields = {f.name for f in dataclasses.fields(klass.Config)}
-    values: dict[str, Any] = {}
-    if data.kind == "text":
-        if "data_kind" not in fields:
-            raise InvalidArgument("data", f"{family} models images; text needs autoregressive")
-        values.update(data_kind="text", seq_len=data.shape[0], levels=data.levels, num_classes=0)
-    else:
-        c, h, w = data.shape
-        if h != w:
-            raise InvalidArgument("data", f"images must be square, got {h}x{w}")
-        values.update(channels=c, image_size=h, levels=data.levels, num_classes=data.num_classes)
-    values.update(overrides or {})
-    return klass.Config.from_dict(values)
+from services.training.loop import TrainResult, fit
+from services.training.spec import TrainSpec, prepare, spec_from_config
 
 
 def train_and_save(
@@ -45,32 +27,46 @@ def train_and_save(
     *,
     store: ModelStore,
     name: str | None = None,
-    data_spec: str = "digits",
+    data_spec: str | None = None,
     config_overrides: Mapping[str, Any] | None = None,
     train_overrides: Mapping[str, Any] | None = None,
     evaluate: bool = True,
     eval_samples: int = 1000,
     progress: bool = True,
     log: Callable[[dict[str, float]], None] | None = None,
+    config_path: Path | str | None = None,
 ) -> tuple[Checkpoint, TrainResult]:
-    """Train ``family`` on ``data_spec`` in-process, evaluate, and store a new version."""
-    name = name or family
-    data = datasets.load(data_spec)
-    splits = datasets.split(data)
-    config = model_config(family, data, config_overrides)
-    klass = model_class(family)
-    train_cfg = TrainConfig.for_model(klass(config), **dict(train_overrides or {}))
-    torch.manual_seed(train_cfg.seed)
-    model = klass(config)
-    result = fit(model, splits, train_cfg, progress=progress, log=log)
+    """Train ``family`` in-process, evaluate, and store a new version.
+
+    Settings take the one path every run takes (``spec.spec_from_config``): the train
+    YAML's defaults, its section for ``family``, then these arguments.
+    """
+    spec = spec_from_config(family, path=config_path, name=name, data=data_spec,
+                            model=dict(config_overrides or {}),
+                            train={k: v for k, v in (train_overrides or {}).items()
+                                   if v is not None})
+    return train_spec_locally(spec, store=store, evaluate=evaluate, eval_samples=eval_samples,
+                              progress=progress, log=log)
+
+
+def train_spec_locally(spec: TrainSpec, *, store: ModelStore, evaluate: bool = True,
+                       eval_samples: int = 1000, progress: bool = True,
+                       log: Callable[[dict[str, float]], None] | None = None
+                       ) -> tuple[Checkpoint, TrainResult]:
+    """``spec`` trained in this process (no Ray: its worker settings are ignored)."""
+    setup = prepare(spec, distributed=False)
+    torch.manual_seed(setup.train.seed)  # the initial weights
+    model = model_class(spec.family)(setup.config)
+    result = fit(model, setup.splits, setup.train, progress=progress, log=log)
     training = {
         "steps": result.steps, "epochs": result.epochs, "seconds": round(result.seconds, 2),
         "samples_per_second": round(result.samples_per_second, 1), "best_val": result.best_val,
-        "config": {k: v for k, v in dataclasses.asdict(train_cfg).items()},
+        "config": dataclasses.asdict(setup.train),
         "final": result.history[-1] if result.history else {}, "finished": time.time(),
     }
-    checkpoint = export(store, name, family, config, result.model, data, splits, training,
-                        evaluate=evaluate, eval_samples=eval_samples, progress=progress)
+    checkpoint = export(store, spec.name, spec.family, setup.config, result.model, setup.data,
+                        setup.splits, training, evaluate=evaluate, eval_samples=eval_samples,
+                        progress=progress)
     return checkpoint, result
 
 

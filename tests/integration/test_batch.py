@@ -17,13 +17,13 @@ import pytest
 
 from cluster.batch import job
 from cluster.batch.manager import BatchManager
-from cluster.batch.spec import BatchSpec
+from services.core.batch import BatchRequest
 from services.core.errors import Cancelled
 from services.core.store import ModelStore
 from services.gateway.client import GenfleetClient
+from services.gateway.grpc_server import GatewayConfig
 from services.gateway.pb.genfleet.v1 import batch_pb2 as bpb
-from services.gateway.server import GatewayConfig
-from services.serving.backends import LocalBackend
+from services.serving.inprocess import InProcessBackend
 from tests.helpers import GatewayThread, scrape_ray_metrics, tiny_store
 
 pytestmark = pytest.mark.integration
@@ -40,8 +40,8 @@ def _files(out: Path) -> dict[str, bytes]:
             if p.is_file() and p.name not in ("manifest.json", "job.json")}
 
 
-def _spec(out: Path, **kw: object) -> BatchSpec:
-    return BatchSpec(**{"model": "gan", "num_samples": 120, "out": str(out), "shard_size": 25,
+def _spec(out: Path, **kw: object) -> BatchRequest:
+    return BatchRequest(**{"model": "gan", "num_samples": 120, "out": str(out), "shard_size": 25,
                         "seed": 11, "labels": "balanced", **kw})  # type: ignore[arg-type]
 
 
@@ -124,7 +124,7 @@ def test_killed_driver_then_rerun_gives_exactly_the_uninterrupted_dataset(
     assert complete < 100 and not (out / "manifest.json").exists(), "finished before the kill"
     done = subprocess.run([exe, *args], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout + done.stderr
-    reference = job.run(BatchSpec("diffusion", 2000, str(tmp_path / "ref"), shard_size=20,
+    reference = job.run(BatchRequest("diffusion", 2000, str(tmp_path / "ref"), shard_size=20,
                                   seed=5, labels="balanced", options={"steps": 50}),
                         store, local=True, progress=False)
     assert _files(out) == _files(tmp_path / "ref")  # exactly 600 samples, none twice, no partials
@@ -136,7 +136,7 @@ def test_killed_driver_then_rerun_gives_exactly_the_uninterrupted_dataset(
 def test_grpc_batch_job_runs_on_ray_and_outlives_its_client(ray_cluster: None,
                                                             store: ModelStore,
                                                             tmp_path: Path) -> None:
-    thread = GatewayThread(lambda: LocalBackend(store.root, ["gan"]),
+    thread = GatewayThread(lambda: InProcessBackend(store.root, ["gan"]),
                            GatewayConfig(host="127.0.0.1", port=0),
                            batches=lambda: BatchManager(store, tmp_path / "root"))
     try:

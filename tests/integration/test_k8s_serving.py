@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from services.core.store import ModelStore
 from services.gateway.client import GenfleetClient
-from services.gateway.server import LIVENESS
+from services.gateway.grpc_server import LIVENESS
 from services.serving import kube
 from tests.helpers import tiny_store
 

@@ -19,12 +19,12 @@ from ray import serve
 
 from services.core.store import ModelStore
 from services.gateway.client import GenfleetClient
+from services.gateway.grpc_server import GatewayConfig
 from services.gateway.pb.genfleet.v1 import generation_pb2 as pb
 from services.gateway.pb.genfleet.v1 import generation_pb2_grpc as pb_grpc
-from services.gateway.server import GatewayConfig
-from services.serving import app as serving
-from services.serving.backend import ServeBackend
+from services.serving import operations
 from services.serving.config import load_config
+from services.serving.serve_backend import ServeBackend
 from tests.helpers import GatewayThread, scrape_ray_metrics, tiny_store
 
 # the RPC contract, rerun here against the Ray backend (fixtures below override)
@@ -48,7 +48,7 @@ def app(ray_cluster: None, store_root: Path) -> Iterator[ModelStore]:
     for m in config.models.values():  # fixed replicas: the tests below scale explicitly
         m.autoscaling_config = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
         m.batching = {"max_batch_size": 32, "batch_wait_timeout_s": 0.02}
-    serving.deploy(config, store)
+    operations.deploy(config, store)
     yield store
     serve.delete(config.app_name)
 
@@ -202,7 +202,7 @@ def test_backpressure_is_resource_exhausted(ray_cluster: None, app: ModelStore) 
     m.autoscaling_config = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
     m.max_ongoing_requests, m.max_queued_requests = 1, 1
     m.batching = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
-    serving.deploy(config, app)
+    operations.deploy(config, app)
     thread = GatewayThread(lambda: ServeBackend("genfleet-backpressure"),
                            GatewayConfig(host="127.0.0.1", port=0))
     try:
@@ -245,7 +245,7 @@ def test_rollout_under_load_fails_no_request(gateway: GatewayThread, app: ModelS
     for t in threads:
         t.start()
     time.sleep(1.0)
-    serving.rollout(app, "gan", 2)
+    operations.rollout(app, "gan", 2)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not versions or versions[-1] != 2):
         time.sleep(0.2)
@@ -255,17 +255,17 @@ def test_rollout_under_load_fails_no_request(gateway: GatewayThread, app: ModelS
         t.join()
     assert not failures, failures
     assert 1 in versions and versions[-1] == 2
-    serving.rollout(app, "gan", 1)  # back, for the other tests
+    operations.rollout(app, "gan", 1)  # back, for the other tests
 
 
 def test_scale_up_and_down_changes_replicas(app: ModelStore) -> None:
-    serving.scale(app, "vae", min_replicas=2, max_replicas=2)
+    operations.scale(app, "vae", min_replicas=2, max_replicas=2)
     deadline = time.monotonic() + 120
     while _replicas("genfleet", "vae") != 2 and time.monotonic() < deadline:
         time.sleep(0.5)
     assert _replicas("genfleet", "vae") == 2
     assert _replicas("genfleet", "gan") == 1  # others untouched
-    serving.scale(app, "vae", min_replicas=1, max_replicas=1)
+    operations.scale(app, "vae", min_replicas=1, max_replicas=1)
     deadline = time.monotonic() + 120
     while _replicas("genfleet", "vae") != 1 and time.monotonic() < deadline:
         time.sleep(0.5)
@@ -273,13 +273,13 @@ def test_scale_up_and_down_changes_replicas(app: ModelStore) -> None:
 
 
 def test_status_reports_versions_and_replicas(app: ModelStore) -> None:
-    rows = {r.name: r for r in serving.status(serving.load_state(app))}
+    rows = {r.name: r for r in operations.status(operations.load_state(app))}
     assert set(rows) == set(FAMILY_NAMES)
     assert rows["flow"].version == 1 and rows["flow"].replicas.get("RUNNING", 0) >= 1
 
 
 def test_status_reports_queue_depth(gateway: GatewayThread, app: ModelStore) -> None:
-    config = serving.load_state(app)
+    config = operations.load_state(app)
     done = threading.Event()
 
     def busy() -> None:  # four slow requests: one batch runs, the others wait or join it
@@ -292,13 +292,13 @@ def test_status_reports_queue_depth(gateway: GatewayThread, app: ModelStore) -> 
     thread.start()
     seen: list[tuple[int | None, int | None]] = []
     while not done.is_set():
-        row = next(r for r in serving.status(config) if r.name == "ebm")
+        row = next(r for r in operations.status(config) if r.name == "ebm")
         seen.append((row.queued, row.running))
         time.sleep(0.3)
     thread.join()
     assert any((running or 0) > 0 for _, running in seen), seen
     time.sleep(2.5)  # the next reports come after the work is done
-    rows = {r.name: r for r in serving.status(config)}
+    rows = {r.name: r for r in operations.status(config)}
     assert all(r.queued is not None for r in rows.values()), rows  # every model reports
     assert (rows["ebm"].queued, rows["ebm"].running) == (0, 0)
 
@@ -343,8 +343,7 @@ def test_replicas_export_metrics_through_ray(gateway: GatewayThread) -> None:
 
 def test_generate_returns_numpy_that_matches_in_process(gateway: GatewayThread,
                                                         app: ModelStore) -> None:
-    from services.core.store import load_model
-    from services.models import sample_seeds
+    from services.models import load_model, sample_seeds
 
     model, _ = load_model(app, "flow")
     expected = model.sample(sample_seeds(9, 4)).numpy()

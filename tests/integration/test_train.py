@@ -14,8 +14,10 @@ import pytest
 import torch
 
 from cluster.train import job
-from services.core.store import ModelStore, load_model
-from services.serving.server import ModelServer
+from services.core.store import ModelStore
+from services.models import load_model
+from services.serving.engine import ReplicaEngine
+from services.training.spec import TrainSpec, spec_from_config
 from tests.conftest import TINY_CONFIGS
 from tests.helpers import RayMetricsWatcher, scrape_ray_metrics
 
@@ -23,8 +25,8 @@ pytestmark = pytest.mark.integration
 
 
 def _spec(family: str, name: str, *, workers: int = 2, epochs: int = 2,
-          model: dict[str, Any] | None = None, **train: Any) -> job.JobSpec:
-    return job.spec_from_config(
+          model: dict[str, Any] | None = None, **train: Any) -> TrainSpec:
+    return spec_from_config(
         family, name=name, workers=workers, cpus_per_worker=1, max_failures=2,
         model=model if model is not None else TINY_CONFIGS[family],
         train={"epochs": epochs, "batch_size": 64, **train})
@@ -37,9 +39,9 @@ def store(tmp_path: Path) -> ModelStore:
 
 def _served_sample(store: ModelStore, name: str) -> None:
     from services.core import api
-    from services.serving.server import CancelToken
+    from services.serving.engine import CancelToken
 
-    server = ModelServer(store.root, name)
+    server = ReplicaEngine(store.root, name)
     result = server.generate_many([(api.GenerateRequest(name, 2, seed=3), CancelToken(), 0.0)])[0]
     assert isinstance(result, api.GenerateResult) and result.samples is not None
     assert result.samples.shape[0] == 2 and result.version == server.version
@@ -152,9 +154,9 @@ def test_train_with_deploy_rolls_serving_to_the_new_version(ray_cluster: None,
                                                             tmp_path: Path) -> None:
     from ray import serve
 
-    from services.cli import main
+    from cluster.cli.main import main
     from services.core import api
-    from services.serving import app as serving
+    from services.serving import operations
     from services.serving.config import load_config
     from tests.helpers import tiny_store
 
@@ -162,7 +164,7 @@ def test_train_with_deploy_rolls_serving_to_the_new_version(ray_cluster: None,
     config = load_config(models=["vae"])
     config.models["vae"].autoscaling_config = {"min_replicas": 1, "max_replicas": 1,
                                                "initial_replicas": 1}
-    serving.deploy(config, store)
+    operations.deploy(config, store)
     try:
         handle = serve.get_deployment_handle("vae", "genfleet")
         assert api.unwrap(handle.info.remote().result()).version == 1
@@ -173,6 +175,6 @@ def test_train_with_deploy_rolls_serving_to_the_new_version(ray_cluster: None,
         assert store.versions("vae") == [1, 2]
         result = api.unwrap(handle.generate.remote(api.GenerateRequest("vae", 2)).result())
         assert result.version == 2
-        assert serving.load_state(store).models["vae"].version == 2
+        assert operations.load_state(store).models["vae"].version == 2
     finally:
         serve.delete("genfleet")

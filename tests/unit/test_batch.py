@@ -22,14 +22,14 @@ from PIL import Image
 
 from cluster.batch import job
 from cluster.batch.manager import BatchManager
-from cluster.batch.spec import BatchSpec
+from services.core.batch import BatchRequest
 from services.core.errors import InvalidArgument, ModelNotFound
-from services.core.store import ModelStore, load_model
+from services.core.store import ModelStore
 from services.gateway.client import GenfleetClient
+from services.gateway.grpc_server import GatewayConfig
 from services.gateway.pb.genfleet.v1 import batch_pb2 as bpb
-from services.gateway.server import GatewayConfig
-from services.models import sample_seeds
-from services.serving.backends import LocalBackend
+from services.models import load_model, sample_seeds
+from services.serving.inprocess import InProcessBackend
 from tests.helpers import GatewayThread, tiny_store
 
 
@@ -39,7 +39,7 @@ def store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
 
 
 def _run(store: ModelStore, out: Path, **kw: object) -> dict[str, object]:
-    spec = BatchSpec(**{"model": "gan", "num_samples": 45, "out": str(out), "shard_size": 20,
+    spec = BatchRequest(**{"model": "gan", "num_samples": 45, "out": str(out), "shard_size": 20,
                         "seed": 3, "labels": "balanced", **kw})  # type: ignore[arg-type]
     return job.run(spec, store, local=True, progress=False)
 
@@ -160,8 +160,8 @@ def test_validation_happens_before_any_write(store: ModelStore, tmp_path: Path) 
             _run(store, out, **change)
     assert not out.exists()
     with pytest.raises(InvalidArgument, match="ftp:// outputs are not supported"):
-        job.plan(BatchSpec("gan", 4, "ftp://host/x"), store)
-    ar = BatchSpec("autoregressive", 4, str(out), format="png")
+        job.plan(BatchRequest("gan", 4, "ftp://host/x"), store)
+    ar = BatchRequest("autoregressive", 4, str(out), format="png")
     assert job.plan(ar, store)  # the tiny AR is an image model: png is fine
     assert not out.exists()
 
@@ -185,7 +185,7 @@ def test_a_directory_holding_another_job_is_refused(store: ModelStore, tmp_path:
 def batch_gateway(store: ModelStore, tmp_path_factory: pytest.TempPathFactory
                   ) -> Iterator[tuple[GatewayThread, Path]]:
     root = tmp_path_factory.mktemp("batch-root")
-    thread = GatewayThread(lambda: LocalBackend(store.root, ["gan"]),
+    thread = GatewayThread(lambda: InProcessBackend(store.root, ["gan"]),
                            GatewayConfig(host="127.0.0.1", port=0),
                            batches=lambda: BatchManager(store, root, local=True))
     yield thread, root
@@ -262,7 +262,7 @@ def test_batch_service_unknown_job_is_not_found(
 
 
 def test_without_a_batch_backend_the_service_is_unimplemented(store: ModelStore) -> None:
-    thread = GatewayThread(lambda: LocalBackend(store.root, ["gan"]),
+    thread = GatewayThread(lambda: InProcessBackend(store.root, ["gan"]),
                            GatewayConfig(host="127.0.0.1", port=0))
     try:
         with GenfleetClient(thread.target, retries=0) as client, \
@@ -314,7 +314,7 @@ def text_store(tmp_path_factory: pytest.TempPathFactory) -> ModelStore:
 def test_a_text_model_writes_tokens_and_strings(text_store: ModelStore, tmp_path: Path) -> None:
     from services.core.data import decode_text
 
-    spec = BatchSpec(model="chars", num_samples=30, out=str(tmp_path / "pq"), shard_size=8,
+    spec = BatchRequest(model="chars", num_samples=30, out=str(tmp_path / "pq"), shard_size=8,
                      seed=5, encoding="both")
     manifest = job.run(spec, text_store, local=True, progress=False)
     _check_manifest(tmp_path / "pq", manifest)
@@ -328,13 +328,13 @@ def test_a_text_model_writes_tokens_and_strings(text_store: ModelStore, tmp_path
     # the same samples as the model gives for those seeds
     model, _ = load_model(text_store, "chars@1")
     assert np.array_equal(tokens[11], model.sample(sample_seeds(5, 1, 11)).numpy()[0])
-    npz = job.run(BatchSpec(model="chars", num_samples=30, out=str(tmp_path / "npz"),
+    npz = job.run(BatchRequest(model="chars", num_samples=30, out=str(tmp_path / "npz"),
                             shard_size=8, seed=5, format="npz"), text_store, local=True,
                   progress=False)
     arrays = [np.load(tmp_path / "npz" / s["file"]) for s in npz["shards"]]
     assert np.array_equal(np.concatenate([a["samples"] for a in arrays]), tokens)
     assert all(a["samples"].dtype == np.int64 for a in arrays)
     with pytest.raises(InvalidArgument, match="generates text"):
-        job.plan(BatchSpec(model="chars", num_samples=3, out=str(tmp_path / "png"),
+        job.plan(BatchRequest(model="chars", num_samples=3, out=str(tmp_path / "png"),
                            format="png"), text_store)
     assert not (tmp_path / "png").exists()

@@ -18,7 +18,7 @@ from pyarrow import fs
 
 from cluster.batch import job
 from cluster.batch.output import Output
-from cluster.batch.spec import BatchSpec
+from services.core.batch import BatchRequest
 from services.core.errors import InvalidArgument
 from services.core.store import ModelStore
 from tests.helpers import tiny_store
@@ -56,8 +56,8 @@ def _uri(endpoint: str, bucket: str, prefix: str) -> str:
     return f"s3://{bucket}/{prefix}?endpoint_override={endpoint}&scheme=http&region=us-east-1"
 
 
-def _spec(out: str, **kw: Any) -> BatchSpec:
-    return BatchSpec(**{"model": "gan", "num_samples": 45, "out": out, "shard_size": 20,
+def _spec(out: str, **kw: Any) -> BatchRequest:
+    return BatchRequest(**{"model": "gan", "num_samples": 45, "out": out, "shard_size": 20,
                         "seed": 3, "labels": "balanced", **kw})
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from services.cli import main
+from cluster.cli.main import main
 from services.core.store import ModelStore
 
 

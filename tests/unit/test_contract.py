@@ -11,8 +11,8 @@ import torch
 
 from services.core.data import load_digits
 from services.core.errors import InvalidArgument, UnsupportedOperation
-from services.core.store import ModelStore, load_model
-from services.models import FAMILIES, Capability, GenerativeModel, build, sample_seeds
+from services.core.store import ModelStore
+from services.models import FAMILIES, Capability, GenerativeModel, build, load_model, sample_seeds
 from services.training.loop import TrainConfig, Trainer
 from tests.conftest import TINY_CONFIGS
 

@@ -15,9 +15,9 @@ import pytest
 from cluster.batch.manager import BatchManager
 from services.core.store import ModelStore
 from services.gateway.client import GenfleetClient
+from services.gateway.grpc_server import GatewayConfig
 from services.gateway.pb.genfleet.v1 import generation_pb2 as pb
-from services.gateway.server import GatewayConfig
-from services.serving.backends import LocalBackend
+from services.serving.inprocess import InProcessBackend
 from tests import fuzz
 from tests.helpers import GatewayThread, tiny_store
 
@@ -28,7 +28,7 @@ def state(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, object
     tiny_store(root / "store", steps=2)
     batches = BatchManager(ModelStore(root / "store"), root / "batches", local=True)
     thread = GatewayThread(
-        lambda: LocalBackend(root / "store", fuzz.FAMILIES, device="cpu", limits=fuzz.LIMITS),
+        lambda: InProcessBackend(root / "store", fuzz.FAMILIES, device="cpu", limits=fuzz.LIMITS),
         GatewayConfig(host="127.0.0.1", port=0, health_interval_s=0.5,
                       max_message_bytes=4 * 1024 * 1024),
         batches=lambda: batches)

@@ -18,11 +18,11 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from services.gateway import codec
 from services.gateway.client import GenfleetClient
+from services.gateway.grpc_server import GatewayConfig
 from services.gateway.pb.genfleet.v1 import generation_pb2 as pb
 from services.gateway.pb.genfleet.v1 import generation_pb2_grpc as pb_grpc
-from services.gateway.server import GatewayConfig
 from services.models import FAMILIES
-from services.serving.backends import LocalBackend
+from services.serving.inprocess import InProcessBackend
 from tests.helpers import GatewayThread, tiny_store
 
 FAMILY_NAMES = sorted(FAMILIES)
@@ -39,7 +39,7 @@ def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def gateway(store_root: Path) -> Iterator[GatewayThread]:
-    thread = GatewayThread(lambda: LocalBackend(store_root, FAMILY_NAMES),
+    thread = GatewayThread(lambda: InProcessBackend(store_root, FAMILY_NAMES),
                            GatewayConfig(host="127.0.0.1", port=0, health_interval_s=0.5))
     yield thread
     thread.stop()
@@ -110,7 +110,7 @@ def test_score(client: GenfleetClient, family: str) -> None:
     resp = client.score(family, _images())
     assert len(resp.log_prob) == 3 and resp.version == 1
     if family == "ebm":
-        assert resp.kind == pb.SCORE_KIND_UNNORMALIZED and not resp.bits_per_dim
+        assert resp.kind == "unnormalized" and not resp.bits_per_dim
     else:
         assert len(resp.bits_per_dim) == 3 and all(b > 0 for b in resp.bits_per_dim)
     levels = np.rint(_images() * 16).astype(np.uint8)  # integer levels are accepted too

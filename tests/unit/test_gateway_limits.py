@@ -22,10 +22,10 @@ from services.core import api
 from services.core.errors import CheckpointError, InvalidArgument
 from services.core.store import ModelStore
 from services.gateway.client import PUSHBACK, GenfleetClient, retry_delay
+from services.gateway.grpc_server import GatewayConfig
 from services.gateway.pb.genfleet.v1 import generation_pb2 as pb
 from services.gateway.pb.genfleet.v1 import generation_pb2_grpc as pb_grpc
-from services.gateway.server import GatewayConfig
-from services.serving.backends import LocalBackend
+from services.serving.inprocess import InProcessBackend
 from tests.helpers import GatewayThread, tiny_store
 
 LIMITS = api.Limits(max_samples_per_request=8, max_samples_per_stream=40,
@@ -39,8 +39,8 @@ def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-class HeldBackend(LocalBackend):
-    """LocalBackend whose Generate waits until ``release`` is set (an RPC held in flight)."""
+class HeldBackend(InProcessBackend):
+    """InProcessBackend whose Generate waits until ``release`` is set (an RPC held in flight)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -240,7 +240,7 @@ def test_tls_and_token_settings_that_do_not_form_a_set_refuse_to_start(tmp_path:
                                    ["--tls-client-ca", "ca.pem"]])
 def test_the_cli_refuses_a_bad_gateway_config_with_one_line_and_exit_2(tmp_path: Path,
                                                                         flags: list[str]) -> None:
-    proc = subprocess.run([sys.executable, "-m", "services.cli", "--store",
+    proc = subprocess.run([sys.executable, "-m", "cluster.cli", "--store",
                            str(tmp_path / "store"), "up", *flags],
                           capture_output=True, text=True, timeout=120, cwd=tmp_path,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(Path.cwd())})
@@ -255,9 +255,9 @@ def test_a_rollout_to_a_broken_version_is_refused_and_replicas_keep_serving(
         store_root: Path, tmp_path: Path) -> None:
     import shutil
 
-    from services.serving import app
+    from services.serving import operations
     from services.serving.config import load_config
-    from services.serving.server import ModelServer
+    from services.serving.engine import ReplicaEngine
 
     root = tmp_path / "store"
     shutil.copytree(store_root, root)
@@ -268,12 +268,12 @@ def test_a_rollout_to_a_broken_version_is_refused_and_replicas_keep_serving(
     (v2.path / "model.safetensors").write_bytes(b"truncated")
     config = load_config(models=["gan"])
     config.models["gan"].version = 1
-    app.save_state(config, store)
+    operations.save_state(config, store)
     with pytest.raises(CheckpointError, match="gan@2 is broken"):
-        app.rollout(store, "gan", 2)
-    assert app.load_state(store).models["gan"].version == 1
-    server = ModelServer(root, "gan", 1, device="cpu")
+        operations.rollout(store, "gan", 2)
+    assert operations.load_state(store).models["gan"].version == 1
+    server = ReplicaEngine(root, "gan", 1, device="cpu")
     with pytest.raises(CheckpointError, match="gan@2"):
         server.load(2)
     assert server.version == 1  # the old version is still the one served
-    assert ModelServer(root, "gan", device="cpu").version == 1  # latest intact
+    assert ReplicaEngine(root, "gan", device="cpu").version == 1  # latest intact

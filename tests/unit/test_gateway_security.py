@@ -10,8 +10,8 @@ import pytest
 import trustme
 
 from services.gateway.client import GenfleetClient
-from services.gateway.server import GatewayConfig
-from services.serving.backends import LocalBackend
+from services.gateway.grpc_server import GatewayConfig
+from services.serving.inprocess import InProcessBackend
 from tests.helpers import GatewayThread, tiny_store
 
 
@@ -23,7 +23,7 @@ def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _gateway(store_root: Path, **config: object) -> GatewayThread:
-    return GatewayThread(lambda: LocalBackend(store_root, ["ebm", "gan"]),
+    return GatewayThread(lambda: InProcessBackend(store_root, ["ebm", "gan"]),
                          GatewayConfig(host="127.0.0.1", port=0, **config))  # type: ignore[arg-type]
 
 
@@ -148,9 +148,9 @@ def test_health_port_answers_plaintext_probes_beside_a_tls_token_port(
     (and only Health), while the main port keeps both."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+    from services.gateway.grpc_server import LIVENESS
     from services.gateway.pb.genfleet.v1 import generation_pb2 as pb
     from services.gateway.pb.genfleet.v1 import generation_pb2_grpc as pb_grpc
-    from services.gateway.server import LIVENESS
 
     gw = _gateway(store_root, tls_cert=pki["cert"], tls_key=pki["key"], token="s3cret",
                   health_port=0)

@@ -17,8 +17,8 @@ from ray.exceptions import ActorDiedError
 from services.core import api
 from services.core.errors import Cancelled, DeadlineExceeded, Internal, Overloaded
 from services.gateway.status import status_of
-from services.serving.backend import ReplicaDied, ServeBackend
-from services.serving.server import CancelToken, ModelServer
+from services.serving.engine import CancelToken, ReplicaEngine
+from services.serving.serve_backend import ReplicaDied, ServeBackend
 from tests.helpers import tiny_store
 
 FAMILIES = ["autoregressive", "diffusion", "ebm", "flow", "gan", "vae"]
@@ -32,21 +32,21 @@ def store_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def servers(store_root: Path) -> dict[str, ModelServer]:
-    return {f: ModelServer(store_root, f, device="cpu") for f in FAMILIES}
+def servers(store_root: Path) -> dict[str, ReplicaEngine]:
+    return {f: ReplicaEngine(store_root, f, device="cpu") for f in FAMILIES}
 
 
 def _item(req: api.GenerateRequest) -> tuple[api.GenerateRequest, CancelToken, float]:
     return (req, CancelToken(), time.perf_counter())
 
 
-def _alone(server: ModelServer, req: api.GenerateRequest) -> Any:
+def _alone(server: ReplicaEngine, req: api.GenerateRequest) -> Any:
     return server.generate_many([_item(req)])[0]
 
 
 # ---------------------------------------------------------------- merged batches
 @pytest.mark.parametrize("family", FAMILIES)
-def test_a_bad_request_in_a_merged_batch_fails_alone(servers: dict[str, ModelServer],
+def test_a_bad_request_in_a_merged_batch_fails_alone(servers: dict[str, ReplicaEngine],
                                                      family: str) -> None:
     server = servers[family]
     good = [api.GenerateRequest(family, 2, seed=s) for s in (1, 2, 3)]
@@ -70,7 +70,7 @@ def test_a_bad_request_in_a_merged_batch_fails_alone(servers: dict[str, ModelSer
 class _Poison:
     """Makes ``model._sample`` raise ``error`` whenever a batch holds ``seed``'s samples."""
 
-    def __init__(self, server: ModelServer, seed: int, error: BaseException) -> None:
+    def __init__(self, server: ReplicaEngine, seed: int, error: BaseException) -> None:
         self.model = server._state[0]  # type: ignore[index]
         self.poison = set(sample_seeds(seed))
         self.error = error
@@ -97,7 +97,7 @@ def sample_seeds(seed: int) -> list[int]:
                                    torch.OutOfMemoryError("CUDA out of memory")],
                          ids=["exception", "memory", "cuda-oom"])
 def test_a_request_whose_sampler_fails_fails_alone_others_get_identical_bytes(
-        servers: dict[str, ModelServer], error: BaseException) -> None:
+        servers: dict[str, ReplicaEngine], error: BaseException) -> None:
     server = servers["diffusion"]
     batch = [api.GenerateRequest("diffusion", 2, seed=s) for s in (1, 666, 2)]
     expected = {r.seed: _alone(server, r) for r in batch if r.seed != 666}
@@ -141,7 +141,7 @@ ITERATIVE = [  # (family, rpc, options, the module called once per iteration)
                          ids=[f"{f}-{r}" for f, r, _, _ in ITERATIVE])
 def test_a_caller_that_goes_away_stops_score_encode_and_decode(
         store_root: Path, family: str, rpc: str, options: dict[str, Any], attr: str) -> None:
-    server = ModelServer(store_root, family, device="cpu")
+    server = ReplicaEngine(store_root, family, device="cpu")
     model = server._state[0]  # type: ignore[index]
     token = CancelToken()
     calls = _count_steps(model, attr, token, after=2)
@@ -219,7 +219,8 @@ def test_a_single_call_is_retried_once_after_a_death_then_fails_internal() -> No
     backend = _backend(replicas)
     request = api.GenerateRequest("m", 1, seed=666)
     with pytest.raises(ReplicaDied) as info:
-        asyncio.run(backend._call("m", "generate_batch", [request], None))
+        asyncio.run(backend._call("m", "generate_batch",
+                                  lambda h: h.generate_batch.remote([request]), None))
     assert isinstance(info.value, Internal)
     assert replicas.deaths == 2
 

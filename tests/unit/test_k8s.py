@@ -23,9 +23,9 @@ import yaml
 from packaging.version import Version
 from referencing import Registry, Resource
 
-from services.cli import build_parser
-from services.gateway.server import LIVENESS
-from services.serving import app, kube
+from cluster.cli.main import build_parser
+from services.gateway.grpc_server import LIVENESS
+from services.serving import app, kube, operations
 from services.serving.config import DEFAULT_CONFIG
 from tests.helpers import require_tool, tiny_store
 
@@ -179,7 +179,7 @@ def test_a_change_to_the_serve_yaml_is_drift(tmp_path: Path) -> None:
 
 def test_cli_check_reports_stale_patches(tmp_path: Path, capsys: pytest.CaptureFixture[str]
                                          ) -> None:
-    from services.cli import main
+    from cluster.cli.main import main
 
     shutil.copytree(K8S, tmp_path / "k8s")
     assert main(["k8s-serve-config", "--dir", str(tmp_path / "k8s"), "--check"]) == 0
@@ -238,7 +238,7 @@ def test_the_rayservice_builds_what_genfleet_up_builds(directory: str, store: An
     names = [b[0]["name"] for b in _built(from_k8s)]
     assert names == sorted(["Directory", *kube.config_for(K8S / directory).models])
     # the builder pinned versions and saved the desired state where genfleet scale looks
-    assert app.load_state(store).models["gan"].version == store.resolve("gan")[1]
+    assert operations.load_state(store).models["gan"].version == store.resolve("gan")[1]
 
 
 # ---------------------------------------------------------------- wiring

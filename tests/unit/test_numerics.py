@@ -10,10 +10,10 @@ import torch
 from services.core.errors import InvalidArgument
 from services.models import build, sample_seeds
 from services.models.autoregressive import AutoregressiveModel
-from services.models.base import Noise
 from services.models.diffusion import DiffusionModel
 from services.models.ebm import EnergyModel
 from services.models.flow import FlowModel
+from services.models.noise import Noise
 from services.models.vae import VAEModel
 from tests.conftest import TINY_CONFIGS
 
@@ -31,7 +31,7 @@ def test_flow_log_density_equals_change_of_variables(digits_batch) -> None:
     x, labels = digits_batch
     k = model.to_levels(x[:2]).flatten(1).double()
     y = ((k + 0.37) / 17).float()  # (2, 64) points inside the bins
-    a = model.cfg.alpha
+    a = model.config.alpha
     for row, label in zip(y, labels[:2], strict=True):
         context = torch.nn.functional.one_hot(label[None], 10).float()
 

@@ -17,8 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.core import metrics
 from services.gateway.client import GenfleetClient
-from services.gateway.server import GatewayConfig
-from services.serving.backends import LocalBackend
+from services.gateway.grpc_server import GatewayConfig
+from services.serving.inprocess import InProcessBackend
 from tests.helpers import GatewayThread, require_tool, tiny_store
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -132,7 +132,7 @@ def test_dashboard_is_a_grafana_dashboard() -> None:
 # ------------------------------------------------------------------ exposition
 def test_gateway_exposition_parses_and_follows_the_conventions(tmp_path: Path) -> None:
     tiny_store(tmp_path, ["gan"], steps=1)
-    thread = GatewayThread(lambda: LocalBackend(tmp_path, ["gan"]),
+    thread = GatewayThread(lambda: InProcessBackend(tmp_path, ["gan"]),
                            GatewayConfig(host="127.0.0.1", port=0, metrics_port=0, token="s"))
     try:
         with GenfleetClient(thread.target, token="s", retries=0) as client:

@@ -11,11 +11,11 @@ import pytest
 import torch
 
 from services.core import data as datasets
-from services.core.store import ModelStore, load_model
+from services.core.store import ModelStore
 from services.evaluation.classifier import embed
 from services.evaluation.fid import frechet_distance
 from services.evaluation.report import evaluate_model, get_classifier
-from services.models import FAMILIES, model_class
+from services.models import FAMILIES, load_model, model_class
 from services.training.recipes import train_and_save
 
 pytestmark = pytest.mark.slow

@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from services.core.errors import CheckpointError, InvalidArgument, ModelNotFound
-from services.core.store import ModelStore, file_digest, load_model, parse_ref
+from services.core.store import ModelStore, file_digest, parse_ref
+from services.models import load_model
 
 
 def _save(store: ModelStore, name: str = "m"):

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.train.job import spec_from_config
 from services.core.errors import InvalidArgument
+from services.training.spec import spec_from_config
 
 
 def test_yaml_defaults_then_family_section_then_overrides(tmp_path: Path) -> None:

@@ -1,5 +1,9 @@
 """What a batch-generation job is, and how it splits into shards (no Ray, no torch).
 
+``BatchRequest`` is the one type of a job: the CLI builds it from flags, BatchService's
+codec from protobuf (``out`` then names a directory below the server's batch root), and
+the Ray Data job (``cluster.batch``) plans and runs it.
+
 Sample ``i`` of a job is ``model.sample([sample_seed(seed, i)], labels=[label(i)],
 **options)``: the same sample ``Generate(model, seed=seed, start_index=i)`` returns. It
 depends only on (model version, seed, i, options), never on shards or workers, so a
@@ -13,12 +17,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from cluster.batch.output import Output
 from services.core.errors import InvalidArgument
 
 FORMATS = ("parquet", "png", "npz")
 ENCODINGS = ("tensor", "png", "both")  # what a Parquet row's sample is
 MAX_SAMPLES = 10**9
+DEFAULT_SHARD_SIZE = 1000  # samples per shard
 
 
 @dataclass(frozen=True)
@@ -33,7 +37,7 @@ class Shard:
 
 
 @dataclass
-class BatchSpec:
+class BatchRequest:
     """A job as the user asked for it; ``version`` is pinned when the job is planned."""
 
     model: str  # store name (a "name@version" ref is split by ``from_ref``)
@@ -41,7 +45,7 @@ class BatchSpec:
     out: str  # a directory, file:// URI, or object-store URI (cluster.batch.output)
     format: str = "parquet"
     encoding: str = "tensor"  # parquet rows: the tensor, PNG bytes (text: the string), or both
-    shard_size: int = 1000
+    shard_size: int = DEFAULT_SHARD_SIZE
     seed: int = 0
     labels: str = ""  # "": the model's choice (unconditional); "balanced"; "0,3,7"
     options: dict[str, Any] = field(default_factory=dict)
@@ -70,8 +74,7 @@ class BatchSpec:
             raise InvalidArgument("gpus_per_worker", "must be >= 0")
         if not 1 <= self.chunk <= 65536:
             raise InvalidArgument("chunk", "must be in [1, 65536]")
-        self.label_list(num_classes=None)
-        Output(self.out)  # the URI's form; reachability is checked when planning
+        self.label_list(num_classes=None)  # the URI's form is checked by the planner
 
     def label_list(self, num_classes: int | None) -> list[int] | None:
         """The label cycle: sample ``i`` gets ``cycle[i % len(cycle)]``; None: no labels."""

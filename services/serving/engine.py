@@ -1,6 +1,6 @@
 """What one replica does, without Ray: load a checkpoint, validate requests, run batches.
 
-``ModelServer.generate_many`` takes the requests of one dynamic batch, validates each on
+``ReplicaEngine.generate_many`` takes the requests of one dynamic batch, validates each on
 its own (``services.core.validation``; a bad request fails alone), groups the rest by
 sampler options and runs one ``model.sample`` per group. Each sample's noise comes from
 its own (seed, index) stream, so a result does not depend on its batch-mates. A group
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from services.core import api, validation
-from services.core.data import decode_text, to_png
+from services.core.data import decode_text, to_pngs
 from services.core.errors import (
     Cancelled,
     DeadlineExceeded,
@@ -39,8 +39,8 @@ from services.core.errors import (
     InvalidArgument,
 )
 from services.core.options import OptionSpec
-from services.core.store import Checkpoint, ModelStore, load_model
-from services.models import GenerativeModel, sample_seeds
+from services.core.store import Checkpoint, ModelStore
+from services.models import GenerativeModel, load_model, sample_seeds
 
 log = logging.getLogger("genfleet.serving")
 
@@ -138,7 +138,7 @@ class _Prepared:
     arrived: float
 
 
-class ModelServer:
+class ReplicaEngine:
     """One model on one device; thread-safe for concurrent batches."""
 
     def __init__(self, store_root: str | Path, name: str, version: int | None = None, *,
@@ -298,9 +298,7 @@ class ModelServer:
             if text_model:
                 text = decode_text(arr, meta.data.get("vocab", ""))
             else:
-                levels = model.config.levels
-                ints = np.rint(arr * (levels - 1)).astype(np.int64)
-                png = [to_png(img, levels) for img in ints]
+                png = to_pngs(arr, model.config.levels)
         return tensor, png, text
 
     # ------------------------------------------------------------ other calls

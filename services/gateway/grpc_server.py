@@ -1,6 +1,7 @@
-"""The gRPC gateway: a grpc.aio server in front of a backend (the Serve app, or in-process
-model servers). It translates protobuf, enforces deadlines, authenticates, answers the
-standard health and reflection services, and shuts down gracefully.
+"""The gRPC gateway: a grpc.aio server in front of a ``Backend`` (the Serve application's
+replicas, or replica engines in this process). It translates protobuf, enforces
+deadlines, authenticates, answers the standard health and reflection services, and shuts
+down gracefully.
 
 The servicer only translates: decode the request (``codec``), call the backend, encode the
 result; any error goes through the one status table (``status``). ``Admission`` bounds what
@@ -26,6 +27,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from services.core import api
+from services.core.batch import BatchRequest
 from services.core.errors import InvalidArgument, Overloaded
 from services.gateway import codec
 from services.gateway.metrics import GatewayMetrics, MetricsInterceptor
@@ -59,7 +61,7 @@ class Backend(Protocol):
 class BatchBackend(Protocol):
     """Dataset-generation jobs (``cluster.batch.manager.BatchManager``)."""
 
-    async def submit(self, request: api.BatchRequest) -> api.BatchStatus: ...
+    async def submit(self, request: BatchRequest) -> api.BatchStatus: ...
     async def get(self, job_id: str) -> api.BatchStatus: ...
     async def cancel(self, job_id: str) -> api.BatchStatus: ...
     async def list(self) -> list[api.BatchStatus]: ...

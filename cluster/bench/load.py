@@ -78,8 +78,7 @@ def run_raw(store: Any, model_ref: str, *, batch: int, duration_s: float,
     """The stored model in this process, ``model.sample`` at ``batch`` back to back."""
     import torch
 
-    from services.core.store import load_model
-    from services.models import Capability, sample_seeds
+    from services.models import Capability, load_model, sample_seeds
 
     model, meta = load_model(store, model_ref)
     conditional = Capability.CONDITIONAL in model.capabilities and model.config.num_classes > 0

@@ -6,24 +6,27 @@ import argparse
 import json
 from typing import Any
 
+from cluster.cli.common import open_store, parse_sets
+from services.core.batch import DEFAULT_SHARD_SIZE
+
 
 def cmd_batch(args: argparse.Namespace) -> int:
     from cluster.batch import job
-    from cluster.batch.spec import BatchSpec
-    from services.cli import _parse_sets, _store
-    from services.serving import app as serving
+    from services.core.batch import BatchRequest
+    from services.serving import ray_cluster
 
-    spec = BatchSpec(model=args.model, num_samples=args.num_samples, out=args.out,
-                     format=args.format, encoding=args.encoding, shard_size=args.shard_size,
-                     seed=args.seed, labels=args.labels, options=_parse_sets(args.set),
-                     workers=args.workers, gpus_per_worker=args.gpus_per_worker, chunk=args.chunk)
-    store = _store(args)
+    spec = BatchRequest(model=args.model, num_samples=args.num_samples, out=args.out,
+                        format=args.format, encoding=args.encoding, shard_size=args.shard_size,
+                        seed=args.seed, labels=args.labels, options=parse_sets(args.set),
+                        workers=args.workers, gpus_per_worker=args.gpus_per_worker,
+                        chunk=args.chunk)
+    store = open_store(args)
     spec, todo = job.plan(spec, store)  # user errors before a cluster starts or a file is written
     if not args.local:
         if args.address:
-            serving.connect(args.address)
+            ray_cluster.connect(args.address)
         else:
-            serving.start_cluster(None, num_cpus=max(4, spec.workers + 2))
+            ray_cluster.start_cluster(None, num_cpus=max(4, spec.workers + 2))
     manifest = job.run(spec, store, local=args.local, progress=not args.quiet, todo=todo)
     print(json.dumps({k: manifest[k] for k in ("job_id", "model", "version", "num_samples",
                                                "num_shards", "label_histogram")}))
@@ -38,7 +41,7 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--format", default="parquet", help="parquet | png | npz")
     p.add_argument("--encoding", default="tensor",
                    help="parquet rows hold the tensor, png bytes (text: the string), or both")
-    p.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    p.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="samples per shard")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--labels", default="", help="balanced, or class ids to cycle (0,3,7); "
                                                 "default: none (the model's own choice)")

@@ -1,0 +1,2 @@
+"""The ``genfleet`` command line: ``cluster.cli.main`` builds it from one module per group
+of commands, which share ``cluster.cli.common``."""

@@ -1,0 +1,135 @@
+"""What the ``genfleet`` commands share: flag parsing, the store and client from the
+flags, and the gateway process's flags, settings and serve loop (``up`` and ``gateway``).
+Imports nothing of ``cluster.cli``: every command module imports this one, never another.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from services.core.errors import InvalidArgument
+from services.core.store import ModelStore
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+
+
+def parse_sets(pairs: Sequence[str]) -> dict[str, Any]:
+    """``key=value`` pairs; values are parsed as JSON when they parse, else strings."""
+    out: dict[str, Any] = {}
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key:
+            raise InvalidArgument("--set", f"expected key=value, got {pair!r}")
+        try:
+            out[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            out[key] = raw
+    return out
+
+
+def threads(n: int | None) -> None:
+    import torch
+
+    torch.set_num_threads(n or max(1, min(os.cpu_count() or 1, 8)))
+
+
+def open_store(args: argparse.Namespace) -> ModelStore:
+    """The model store the flags name (``--store``, else $GENFLEET_STORE, else the default)."""
+    return ModelStore(args.store)
+
+
+def run_dir(store: ModelStore) -> Path:
+    """Where ``up`` keeps its run state (beside the store)."""
+    path: Path = store.root.parent / "run"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def client_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--target", default=os.environ.get("GENFLEET_TARGET", DEFAULT_TARGET),
+                   help="gateway host:port")
+    p.add_argument("--token", default=None, help="bearer token (or $GENFLEET_TOKEN)")
+    p.add_argument("--tls-ca", default=None, help="CA certificate to verify a TLS gateway")
+    p.add_argument("--timeout", type=float, default=120.0, help="deadline per call, seconds")
+
+
+def client(args: argparse.Namespace) -> Any:
+    """A gateway client from the ``client_args`` flags."""
+    from services.gateway.client import GenfleetClient
+
+    return GenfleetClient(args.target, token=args.token or os.environ.get("GENFLEET_TOKEN"),
+                          tls_ca=Path(args.tls_ca) if args.tls_ca else None, timeout=args.timeout)
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    keys = ("fd_ratio", "min_class_share", "mean_confidence", "label_accuracy",
+            "test_bits_per_dim", "init_fd_ratio", "sample_ms")
+    return "  ".join(f"{k}={metrics[k]:.3f}" for k in keys if isinstance(metrics.get(k), float))
+
+
+# ------------------------------------------------------------ the gateway process
+def gateway_config(args: argparse.Namespace) -> Any:
+    """The gateway's settings from the flags ``gateway_args`` defines, validated: a
+    misconfiguration refuses to start (InvalidArgument, exit 2) before any other work."""
+    from services.gateway.grpc_server import GatewayConfig
+
+    token = args.token if args.token is not None else os.environ.get("GENFLEET_TOKEN")
+    config = GatewayConfig(
+        host=args.host, port=args.port, token=token,
+        tls_cert=Path(args.tls_cert) if args.tls_cert is not None else None,
+        tls_key=Path(args.tls_key) if args.tls_key is not None else None,
+        tls_client_ca=Path(args.tls_client_ca) if args.tls_client_ca is not None else None,
+        max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_request_bytes_in_flight=args.max_inflight_mib * 1024 * 1024,
+        metrics_port=None if args.metrics_port < 0 else args.metrics_port,
+        health_port=None if args.health_port < 0 else args.health_port)
+    config.validate()
+    return config
+
+
+def gateway_args(p: argparse.ArgumentParser) -> None:
+    """Flags of the gRPC gateway (``up`` and ``gateway``)."""
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--token", default=None, help="require this bearer token ($GENFLEET_TOKEN)")
+    p.add_argument("--tls-cert", default=None)
+    p.add_argument("--tls-key", default=None)
+    p.add_argument("--tls-client-ca", default=None, help="require client certificates (mTLS)")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=1024,
+                   help="RPCs in flight; beyond: RESOURCE_EXHAUSTED at once")
+    p.add_argument("--max-inflight-mib", type=int, default=512,
+                   help="request bytes held by the RPCs in flight, MiB; beyond: RESOURCE_EXHAUSTED")
+    p.add_argument("--metrics-port", type=int, default=8080,
+                   help="gateway Prometheus /metrics port (0: any free port, -1: none)")
+    p.add_argument("--health-port", type=int, default=-1,
+                   help="also serve grpc.health.v1 alone, in plaintext and without auth, on this "
+                        "port (for Kubernetes gRPC probes, which speak no TLS; -1: none)")
+    p.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")
+
+
+def security_note(gateway: Any) -> str:
+    """What the start-up line says of transport security: TLS and/or token auth."""
+    c = gateway.config
+    return f"{', TLS' if c.tls else ''}{', mTLS' if c.tls_client_ca else ''}" \
+           f"{', token auth' if c.token else ''}"
+
+
+async def serve_until_signal(gateway: Any, grace: float,
+                             announce: Callable[[int], Awaitable[None]]) -> None:
+    """Start ``gateway``, ``announce(port)``, serve until SIGINT or SIGTERM, then report
+    NOT_SERVING and let the calls in flight finish (``grace`` seconds)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before start: a signal never goes unheard
+        loop.add_signal_handler(sig, stop.set)
+    await announce(await gateway.start())
+    await stop.wait()
+    print("shutting down: health NOT_SERVING, finishing in-flight requests", flush=True)
+    await gateway.stop(grace=grace)

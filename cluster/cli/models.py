@@ -1,0 +1,95 @@
+"""``genfleet models`` (stored versions, or what the gateway serves) and ``genfleet eval``
+(a stored model's quality report and sample grid)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from cluster.cli.common import client, client_args, open_store, parse_sets, threads
+from services.core.errors import CheckpointError
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from services.core import data as datasets
+    from services.evaluation.report import evaluate_model, write_grid
+    from services.models import load_model
+
+    threads(args.threads)
+    store = open_store(args)
+    model, meta = load_model(store, args.model)
+    splits = datasets.split(datasets.load(meta.data.get("name") or "digits"))
+    report = evaluate_model(model, splits, store=store, num_samples=args.num_samples,
+                            seed=args.seed, progress=not args.quiet, **parse_sets(args.set))
+    print(f"{meta.ref} ({meta.family}), {args.num_samples} samples")
+    print(report.table())
+    for line in report.text_samples:
+        print(repr(line))
+    if splits.train.kind == "image":
+        out = Path(args.out or f"{meta.name}-v{meta.version}.png")
+        write_grid(model, out, title=f"{meta.family} {meta.ref}", **parse_sets(args.set))
+        print(f"grid: {out}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
+    if args.save:
+        store.update_metrics(meta.ref, report.to_json())
+    return 0
+
+
+def _served_models(args: argparse.Namespace) -> int:
+    with client(args) as gateway:
+        models = gateway.list_models()
+    print(f"{'model':<18}{'family':<16}{'version':>8}  capabilities / options")
+    for m in models:
+        options = ", ".join(o.name for o in m.sampler_options) or "-"
+        print(f"{m.name:<18}{m.family:<16}{m.version:>8}  {', '.join(m.capabilities)} / {options}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    if args.served:
+        return _served_models(args)
+    store = open_store(args)
+    names = store.names()
+    if not names:
+        print(f"no models in {store.root}")
+        return 0
+    print(f"{'model':<18}{'family':<16}{'versions':<10}{'data':<12}{'fd/floor':<10}bits/dim")
+    broken: list[str] = []
+    for name in names:
+        versions = store.versions(name)
+        for version in versions:  # checksums too: this is where an operator looks
+            broken.extend(store.problems(name, version, checksum=True))
+        try:
+            meta = store.meta(name)
+        except CheckpointError:
+            print(f"{name:<18}{'?':<16}{len(versions):<10}(every version is broken)")
+            continue
+        m = meta.metrics
+        fd = f"{m['fd_ratio']:.2f}" if "fd_ratio" in m else "-"
+        bpd = f"{m['test_bits_per_dim']:.3f}" if "test_bits_per_dim" in m else "-"
+        print(f"{meta.ref:<18}{meta.family:<16}{len(versions):<10}"
+              f"{meta.data.get('name', '?'):<12}{fd:<10}{bpd}")
+    for problem in broken:
+        print(f"broken: {problem}")
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    p = sub.add_parser("eval", help="quality report of a stored model")
+    p.add_argument("model", help="name or name@version")
+    p.add_argument("-n", "--num-samples", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE",
+                   help="sampler option (repeatable), e.g. --set steps=10")
+    p.add_argument("--out", default=None, help="PNG grid path")
+    p.add_argument("--json", default=None, help="write the report as JSON here")
+    p.add_argument("--save", action="store_true", help="store the metrics in the checkpoint")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("models", help="list stored models (--served: ask the gateway)")
+    p.add_argument("--served", action="store_true", help="ListModels through the gateway")
+    client_args(p)
+    p.set_defaults(func=cmd_models)

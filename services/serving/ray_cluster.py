@@ -1,0 +1,128 @@
+"""The Ray cluster's lifecycle as genfleet uses it: start an embedded local cluster or
+join one, start a raylet that joins a remote cluster (a gateway pod), leave, and tell
+where the metrics are (Ray's Prometheus service-discovery file, kept current here while
+the cluster runs: the dashboard's writer would cost a process). No Serve application
+logic lives here.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import ray
+from ray import serve
+
+from services.core.errors import ModelNotReady
+
+log = logging.getLogger("genfleet.cluster")
+
+
+def start_cluster(address: str | None = None, *, num_cpus: int | None = None,
+                  metrics_port: int | None = None, dashboard_port: int | None = None) -> None:
+    """Join ``address``, or start an embedded local cluster with explicit logical CPUs.
+
+    ``metrics_port``: Ray's metrics export port on this node (None: any free port).
+    ``dashboard_port``: also run the Ray dashboard on 127.0.0.1 there (off by default: its
+    processes take CPU from the replicas on a small machine). Either way Ray's Prometheus
+    service-discovery file (``/tmp/ray/prom_metrics_service_discovery.json``, read by
+    ``deploy/prometheus/prometheus.yml``) is kept current by Ray's writer in this process.
+    """
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP", "0")
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
+        return
+    dashboard: dict[str, Any] = {"include_dashboard": False}
+    if dashboard_port is not None:
+        dashboard = {"include_dashboard": True, "dashboard_host": "127.0.0.1",
+                     "dashboard_port": dashboard_port}
+    ray.init(num_cpus=num_cpus if num_cpus is not None else max(4, os.cpu_count() or 2),  # logical
+             logging_level=logging.WARNING, log_to_driver=False,
+             _metrics_export_port=metrics_port, **dashboard)
+    _write_service_discovery()
+
+
+_discovery_stop = threading.Event()
+
+
+def _write_service_discovery() -> None:
+    """Ray's Prometheus service-discovery writer (what the dashboard runs) in a daemon
+    thread of this process, until ``stop_cluster``: the file lists every live node's
+    metrics export address."""
+    from ray._private.metrics_agent import PrometheusServiceDiscoveryWriter
+    from ray._private.worker import global_worker
+
+    node = global_worker.node
+    if node is None:
+        return
+    writer = PrometheusServiceDiscoveryWriter(node.gcs_address, node.get_temp_dir_path(),
+                                              node.get_session_dir_path())
+    writer.write()  # the file exists when start_cluster returns
+    _discovery_stop.clear()
+
+    def refresh() -> None:
+        while not _discovery_stop.wait(writer.default_service_discovery_flush_period):
+            try:
+                writer.write()
+            except Exception as exc:  # a node went away mid-call: next round
+                log.debug("service discovery file not written: %s", exc)
+
+    threading.Thread(target=refresh, name="prometheus-discovery", daemon=True).start()
+
+
+def metrics_endpoints() -> dict[str, str]:
+    """Where this cluster's metrics are: every live node's metrics export address, and
+    Ray's service-discovery file when this machine has one."""
+    from ray._private import ray_constants
+    from ray._private.worker import global_worker
+
+    out = {f"ray node {n['NodeManagerAddress']}":
+           f"http://{n['NodeManagerAddress']}:{n['MetricsExportPort']}/metrics"
+           for n in ray.nodes() if n.get("Alive")}
+    node = global_worker.node
+    temp_dir = Path(node.get_temp_dir_path() if node is not None else "/tmp/ray")
+    discovery = temp_dir / ray_constants.PROMETHEUS_SERVICE_DISCOVERY_FILE
+    if discovery.exists():
+        out["service discovery"] = str(discovery)
+    return out
+
+
+def join_node(gcs_address: str) -> None:
+    """Start a raylet on this machine that joins the cluster at ``gcs_address`` with no
+    CPUs or GPUs for tasks, so that a driver here (the gateway) can call the cluster.
+
+    Raises:
+        ModelNotReady: ``ray start`` failed (cluster unreachable, version mismatch).
+    """
+    ray_cli = Path(sys.executable).with_name("ray")
+    command = [str(ray_cli) if ray_cli.exists() else "ray", "start", f"--address={gcs_address}",
+               "--num-cpus=0", "--num-gpus=0", "--disable-usage-stats"]
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise ModelNotReady(f"could not join the Ray cluster at {gcs_address}: "
+                            f"{(done.stderr or done.stdout).strip()[-2000:]}")
+
+
+def connect(address: str | None = None) -> None:
+    """Join a running cluster (``auto``: the local one ``genfleet up`` started)."""
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address or "auto", logging_level=logging.ERROR, log_to_driver=False)
+    except ConnectionError as exc:
+        raise ModelNotReady(f"no Ray cluster at {address or 'auto'}: run genfleet up") from exc
+
+
+def stop_cluster(*, embedded: bool) -> None:
+    """Shut Serve down (when this process started the cluster) and leave Ray."""
+    _discovery_stop.set()
+    if embedded and ray.is_initialized():
+        serve.shutdown()
+    ray.shutdown()

@@ -1,0 +1,236 @@
+"""The gateway's view of the Serve app: DeploymentHandle calls with deadlines, and Ray's
+failures turned into genfleet's errors (DESIGN.md §4, §7).
+
+- The client's deadline is enforced here: when it passes, the handle's response is
+  cancelled (the replica's token stops the sampler) and DeadlineExceeded is raised.
+- ``BackPressureError`` (``max_queued_requests`` reached) -> Overloaded.
+- No replica there yet (starting, restarting) -> waited for with backoff while the
+  deadline allows, then ModelNotReady (UNAVAILABLE, with a retry delay for the client).
+- A replica that died while it held a call: every call is a pure function of its request
+  (seeded sampling), so it is retried once, on another replica or the restarted one. A
+  call during which a second replica dies is not retried again (a poison request must not
+  walk through the fleet): it fails with INTERNAL and a log line naming its request id.
+- Generate requests are coalesced per model (``services.serving.coalesce``) with the
+  deployment's own dynamic-batching settings, read from a replica and cached for
+  ``info_ttl_s``: one Ray call per group instead of one per request. A group that fails
+  (a replica died holding it, or anything unexpected) is sent again one request at a
+  time, each in a forward pass of its own, so that only a request that fails alone fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, cast
+
+from ray import serve
+from ray.exceptions import ActorUnavailableError, RayActorError
+from ray.serve.exceptions import (
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+    RequestCancelledError,
+)
+from ray.serve.handle import DeploymentHandle, DeploymentResponse, DeploymentResponseGenerator
+
+from services.core import api, validation
+from services.core.errors import (
+    Cancelled,
+    DeadlineExceeded,
+    Internal,
+    ModelNotReady,
+    Overloaded,
+)
+from services.serving.backend import Backend
+from services.serving.coalesce import Coalescer
+from services.serving.engine import failure
+
+log = logging.getLogger("genfleet.backend")
+# no replica to take the call right now (not started, restarting, unreachable for a moment)
+_NO_REPLICA = (ActorUnavailableError, DeploymentUnavailableError, ReplicaUnavailableError)
+# these fail every request of a coalesced group alike: no point in retrying one by one
+_GROUP_WIDE = (Overloaded, DeadlineExceeded, Cancelled, ModelNotReady)
+
+
+class ReplicaDied(Internal):
+    """A replica died while it held this call, and the call may not be retried again."""
+
+    @classmethod
+    def twice(cls, name: str, method: str, exc: BaseException) -> ReplicaDied:
+        request_id = uuid.uuid4().hex[:12]
+        log.error("request %s: a replica of %s died while it ran %s, on the retry too (%s); "
+                  "not retried again", request_id, name, method, type(exc).__name__)
+        return cls(f"a replica of {name} died while running this request, and again on its "
+                   f"retry; it is not retried again (request id {request_id})")
+
+
+class ServeBackend(Backend):
+    """Calls the model deployments of the Serve application ``app_name``."""
+
+    def __init__(self, app_name: str = "genfleet", *, retries: int = 5,
+                 info_ttl_s: float = 2.0) -> None:
+        self.app_name = app_name
+        self.retries = retries
+        self.info_ttl_s = info_ttl_s
+        self._handles: dict[str, DeploymentHandle] = {}
+        self._names: list[str] | None = None
+        self._infos: dict[str, tuple[float, api.ModelInfo]] = {}
+        self._batching: dict[str, tuple[float, tuple[int, float]]] = {}
+        self.coalescers: dict[str, Coalescer[api.GenerateRequest, Any]] = {}
+
+    # ---------------------------------------------------------------- models
+    async def model_names(self, refresh: bool = False) -> list[str]:
+        if self._names is None or refresh:
+            try:
+                directory = serve.get_app_handle(self.app_name)
+                self._names = list(await directory.list.remote())
+            except (RayActorError, *_NO_REPLICA) as exc:
+                raise ModelNotReady(f"the {self.app_name} application is not ready") from exc
+            except (ValueError, RuntimeError) as exc:  # app not deployed
+                raise ModelNotReady(f"the {self.app_name} application is not running") from exc
+        return self._names
+
+    def _handle(self, name: str) -> DeploymentHandle:
+        if name not in self._handles:
+            self._handles[name] = serve.get_deployment_handle(name, self.app_name)
+        return self._handles[name]
+
+    async def info(self, name: str, *, refresh: bool = False) -> api.ModelInfo:
+        cached = self._infos.get(name)
+        if cached and not refresh and time.monotonic() - cached[0] < self.info_ttl_s:
+            return cached[1]
+        result = await self._call(name, "info", lambda h: h.info.remote(), None)
+        self._infos[name] = (time.monotonic(), result)
+        return result
+
+    async def batching(self, name: str) -> tuple[int, float]:
+        """The deployment's (max_batch_size, batch_wait_timeout_s), cached like ``info``."""
+        cached = self._batching.get(name)
+        if cached and time.monotonic() - cached[0] < self.info_ttl_s:
+            return cached[1]
+        settings = await self._call(name, "batch_settings", lambda h: h.batch_settings.remote(),
+                                    None)
+        value = (int(settings["max_batch_size"]), float(settings["batch_wait_timeout_s"]))
+        self._batching[name] = (time.monotonic(), value)
+        return value
+
+    async def healthy(self, name: str | None = None) -> bool:
+        """Overall (any model) or one model: a running replica answers ``info``."""
+        try:
+            names = [name] if name else await self.model_names()
+            for n in names:
+                await asyncio.wait_for(self.info(n), timeout=5.0)
+            return True
+        except Exception:
+            return False
+
+    # ----------------------------------------------------------------- calls
+    async def generate(self, request: api.GenerateRequest) -> api.GenerateResult:
+        info = await self.resolve(request.model)
+        request = validation.check_generate(request, info)  # before it joins a group
+        max_size, wait_s = await self.batching(info.name)
+        if max_size <= 1:  # batching off: every request alone, no coalescing either
+            return await self._generate(info.name, request)
+        coalescer = self.coalescers.get(info.name)
+        if coalescer is None:
+            async def send(group: list[api.GenerateRequest], name: str = info.name) -> list[Any]:
+                return await self._send_group(name, group)
+            coalescer = self.coalescers[info.name] = Coalescer(send)
+        timeout = None if request.deadline is None else max(0.0, request.deadline - time.time())
+        try:
+            result = await asyncio.wait_for(coalescer.submit(request, max_size, wait_s), timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(f"deadline passed while {info.name}.generate ran") from None
+        generated: api.GenerateResult = api.unwrap(result)
+        return generated
+
+    async def _send_group(self, name: str, group: list[api.GenerateRequest]) -> list[Any]:
+        """One coalesced group -> one result (or ErrorResult) per request, in order."""
+        deadlines = [r.deadline for r in group]
+        deadline = None if None in deadlines else max(d for d in deadlines if d)
+        try:
+            results: list[Any] = await self._call(
+                name, "generate_batch", lambda h: h.generate_batch.remote(group), deadline,
+                unwrap=False, deaths_allowed=0)
+            return results
+        except _GROUP_WIDE:
+            raise
+        except Exception as exc:  # a replica died holding the group, or a bug: one by one
+            died = isinstance(exc, ReplicaDied)
+            log.warning("%s: a group of %d requests failed (%s); sending each on its own",
+                        name, len(group), type(exc).__name__)
+            return list(await asyncio.gather(*(self._send_alone(name, r, died) for r in group)))
+
+    async def _send_alone(self, name: str, request: api.GenerateRequest, died: bool) -> Any:
+        """``request`` in a forward pass of its own; ``died``: a replica already died while
+        it held this request, so a second death fails it."""
+        try:
+            results = await self._call(
+                name, "generate_batch", lambda h: h.generate_batch.remote([request], True),
+                request.deadline, unwrap=False, deaths_allowed=0 if died else 1)
+            return results[0]
+        except Exception as exc:
+            return failure(exc, f"{name}.generate")
+
+    async def _generate(self, name: str, request: api.GenerateRequest) -> api.GenerateResult:
+        return await self._call(name, "generate", lambda h: h.generate.remote(request),
+                                request.deadline)
+
+    async def _score(self, name: str, request: api.ScoreRequest) -> api.ScoreResult:
+        return await self._call(name, "score", lambda h: h.score.remote(request),
+                                request.deadline)
+
+    async def _encode(self, name: str, request: api.EncodeRequest) -> api.EncodeResult:
+        return await self._call(name, "encode", lambda h: h.encode.remote(request),
+                                request.deadline)
+
+    async def _decode(self, name: str, request: api.DecodeRequest) -> api.DecodeResult:
+        return await self._call(name, "decode", lambda h: h.decode.remote(request),
+                                request.deadline)
+
+    async def _call(self, name: str, method: str,
+                    send: Callable[[DeploymentHandle],
+                                   DeploymentResponse | DeploymentResponseGenerator],
+                    deadline: float | None, *, unwrap: bool = True, deaths_allowed: int = 1
+                    ) -> Any:
+        """``send(handle)`` (one ``ModelDeployment`` method, named ``method`` in messages) to
+        a replica of ``name``; ``deaths_allowed``: replica deaths during this call that are
+        retried."""
+        deaths = waits = 0
+        while True:
+            response = cast(DeploymentResponse, send(self._handle(name)))  # unary methods
+            timeout = None if deadline is None else max(0.0, deadline - time.time())
+            try:
+                result = await asyncio.wait_for(response, timeout=timeout)
+            except TimeoutError:
+                response.cancel()  # the replica's cancel token stops the sampler
+                raise DeadlineExceeded(f"deadline passed while {name}.{method} ran") from None
+            except asyncio.CancelledError:
+                response.cancel()  # the client went away
+                raise
+            except BackPressureError as exc:
+                raise Overloaded(f"{name} is at its queue limit; retry with backoff") from exc
+            except RequestCancelledError as exc:
+                raise DeadlineExceeded(f"{name}.{method} was cancelled") from exc
+            except _NO_REPLICA as exc:
+                waits += 1
+                pause = min(1.0, 0.1 * 2 ** waits)
+                in_time = deadline is None or deadline - time.time() > pause + 0.1
+                if waits > self.retries or not in_time:
+                    raise ModelNotReady(f"no replica of {name} is available now "
+                                        f"({type(exc).__name__}); retry shortly") from exc
+                log.warning("%s.%s: no replica available, waiting (%d)", name, method, waits)
+                await asyncio.sleep(pause)
+                continue
+            except RayActorError as exc:  # the replica died while it held this call
+                deaths += 1
+                if deaths > deaths_allowed:
+                    raise ReplicaDied.twice(name, method, exc) from exc
+                log.warning("%s.%s: the replica died during the call; retrying it once",
+                            name, method)
+                await asyncio.sleep(0.2)
+                continue
+            return api.unwrap(result) if unwrap else result
