@@ -8,6 +8,8 @@ are float32 ``(B, *latent_shape)``.
 from __future__ import annotations
 
 import importlib
+import logging
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -15,6 +17,8 @@ import numpy as np
 
 from services.core import errors
 from services.core.options import OptionSpec
+
+_log = logging.getLogger("genfleet.errors")
 
 Output = Literal["tensor", "png", "both"]
 OUTPUTS: tuple[Output, ...] = ("tensor", "png", "both")
@@ -195,6 +199,18 @@ class ErrorResult:
         subclass defined elsewhere travels as that class)."""
         klass = next(k for k in type(exc).__mro__ if getattr(errors, k.__name__, None) is k)
         return cls(klass.__name__, str(exc))
+
+    @classmethod
+    def failure(cls, exc: BaseException, what: str) -> ErrorResult:
+        """What a caller gets for ``exc`` raised while doing ``what``: a user error as it
+        is; anything else is logged here with its traceback and a request id, and answered
+        as Internal with that id (never a traceback on the wire)."""
+        if isinstance(exc, errors.GenfleetError):
+            return cls.of(exc)
+        request_id = uuid.uuid4().hex[:12]
+        _log.error("%s failed, request id %s", what, request_id, exc_info=exc)
+        return cls.of(errors.Internal(f"{what} failed: internal error; request id "
+                                      f"{request_id} (see the replica log)"))
 
     def exception(self) -> errors.GenfleetError:
         """The domain exception to raise on this side."""

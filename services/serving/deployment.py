@@ -36,7 +36,7 @@ from ray import serve
 from services.core import api
 from services.core.errors import CheckpointError, GenfleetError, ModelNotReady
 from services.serving.coalesce import MergingRunner
-from services.serving.engine import CancelToken, ReplicaEngine, failure
+from services.serving.engine import CancelToken, ReplicaEngine
 from services.serving.metrics import ReplicaMetrics
 
 log = logging.getLogger("genfleet.serving")
@@ -171,7 +171,7 @@ class ModelDeployment:
         try:
             return self._ready().generate_many(items)
         except Exception as exc:  # generate_many answers per request; this is a bug
-            return [failure(exc, f"{self._name}.generate")] * len(items)
+            return [api.ErrorResult.failure(exc, f"{self._name}.generate")] * len(items)
 
     async def _call(self, method: str, fn: Callable[[Any, CancelToken], T], request: Any
                     ) -> T | api.ErrorResult:
@@ -182,7 +182,7 @@ class ModelDeployment:
             token.cancel()  # the loop in the worker thread stops at its next iteration
             raise
         except Exception as exc:
-            return failure(exc, f"{self._name}.{method}")
+            return api.ErrorResult.failure(exc, f"{self._name}.{method}")
 
     async def score(self, request: api.ScoreRequest) -> api.ScoreResult | api.ErrorResult:
         return await self._call("score", lambda r, t: self._ready().score(r, t), request)

@@ -19,7 +19,6 @@ import contextlib
 import logging
 import threading
 import time
-import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -35,7 +34,6 @@ from services.core.errors import (
     Cancelled,
     DeadlineExceeded,
     GenfleetError,
-    Internal,
     InvalidArgument,
 )
 from services.core.options import OptionSpec
@@ -76,17 +74,6 @@ def _stopped_error(tokens: Sequence[CancelToken], when: str) -> GenfleetError:
     if all(t.expired for t in tokens):
         return DeadlineExceeded(f"deadline passed {when}")
     return Cancelled(f"every caller cancelled or passed its deadline {when}")
-
-
-def failure(exc: BaseException, what: str) -> api.ErrorResult:
-    """The ErrorResult a caller gets for ``exc``: a user error as it is; anything else is
-    logged here with its traceback and a request id, and answered as Internal with that id."""
-    if isinstance(exc, GenfleetError):
-        return api.ErrorResult.of(exc)
-    request_id = uuid.uuid4().hex[:12]
-    log.error("%s failed, request id %s", what, request_id, exc_info=exc)
-    return api.ErrorResult.of(Internal(f"{what} failed: internal error; request id {request_id} "
-                                       f"(see the replica log)"))
 
 
 def stop_callback(tokens: Sequence[CancelToken]) -> Callable[[int, int], None]:
@@ -206,7 +193,7 @@ class ReplicaEngine:
             try:
                 p = self._prepare(info, i, req, token, arrived)
             except Exception as exc:  # a bad request fails alone
-                results[i] = failure(exc, f"{self.name}.generate")
+                results[i] = api.ErrorResult.failure(exc, f"{self.name}.generate")
                 continue
             key = (tuple(sorted(p.options.items())), p.labels is None)
             groups.setdefault(key, []).append(p)
@@ -224,7 +211,7 @@ class ReplicaEngine:
             return self._run_group(model, meta, group)
         except Exception as exc:
             if len(group) == 1:
-                return [failure(exc, f"{self.name}.generate")]
+                return [api.ErrorResult.failure(exc, f"{self.name}.generate")]
             log.warning("%s: a group of %d requests failed (%s: %s); running them one by one",
                         self.name, len(group), type(exc).__name__, str(exc)[:200])
         out: list[api.GenerateResult | api.ErrorResult] = []
@@ -232,7 +219,7 @@ class ReplicaEngine:
             try:
                 out.extend(self._run_group(model, meta, [p]))
             except Exception as exc:
-                out.append(failure(exc, f"{self.name}.generate"))
+                out.append(api.ErrorResult.failure(exc, f"{self.name}.generate"))
         return out
 
     def _run_group(self, model: GenerativeModel, meta: Checkpoint, group: list[_Prepared]

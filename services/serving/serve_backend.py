@@ -46,7 +46,6 @@ from services.core.errors import (
 )
 from services.serving.backend import Backend
 from services.serving.coalesce import Coalescer
-from services.serving.engine import failure
 
 log = logging.getLogger("genfleet.backend")
 # no replica to take the call right now (not started, restarting, unreachable for a moment)
@@ -173,7 +172,7 @@ class ServeBackend(Backend):
                 request.deadline, unwrap=False, deaths_allowed=0 if died else 1)
             return results[0]
         except Exception as exc:
-            return failure(exc, f"{name}.generate")
+            return api.ErrorResult.failure(exc, f"{name}.generate")
 
     async def _generate(self, name: str, request: api.GenerateRequest) -> api.GenerateResult:
         return await self._call(name, "generate", lambda h: h.generate.remote(request),

@@ -182,9 +182,10 @@ def test_only_the_gateway_imports_generated_protobuf_code() -> None:
 
 def test_the_gateway_side_of_serving_imports_no_ray_or_torch() -> None:
     """``Backend`` (what the gateway calls) and the gateway's own modules stay light; Ray
-    enters the gateway process only through ``ServeBackend``."""
+    enters the gateway process only through ``ServeBackend``, and torch not at all."""
     _loads_none_of("import services.serving.backend, services.gateway.grpc_server, "
                    "services.gateway.codec", {"torch", "ray"})
+    _loads_none_of("import services.serving.serve_backend", {"torch"})
 
 
 def test_core_options_and_validation_import_nothing_heavy() -> None:

@@ -1,5 +1,5 @@
-"""Ray Train job settings: the train YAML, command-line overrides, and their checks
-(no Ray needed)."""
+"""Training settings (both --local and the Ray Train job): the train YAML, command-line
+overrides, and their checks (no Ray needed)."""
 
 from __future__ import annotations
 
