@@ -48,7 +48,7 @@ class BatchManager:
         if not parts or Path(name).is_absolute() or any(p in ("..", ".") for p in parts):
             raise InvalidArgument("output", f"name a directory under the batch root, got {name!r}")
         for part in parts:
-            check_name(part)
+            check_name(part, "output")
         return self.root.joinpath(*parts)
 
     async def submit(self, request: BatchRequest) -> api.BatchStatus:

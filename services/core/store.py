@@ -65,9 +65,14 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     return name, int(version)
 
 
-def check_name(name: str) -> str:
+def check_name(name: str, what: str = "model") -> str:
+    """``name`` if it is a valid store name (also the rule for run and output names).
+
+    Raises:
+        InvalidArgument: naming the field ``what``.
+    """
     if not isinstance(name, str) or not _NAME.match(name):
-        raise InvalidArgument("model", f"model names match {_NAME.pattern}, got {show(name)}")
+        raise InvalidArgument(what, f"{what} names match {_NAME.pattern}, got {show(name)}")
     return name
 
 

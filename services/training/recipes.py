@@ -43,8 +43,7 @@ def train_and_save(
     """
     spec = spec_from_config(family, path=config_path, name=name, data=data_spec,
                             model=dict(config_overrides or {}),
-                            train={k: v for k, v in (train_overrides or {}).items()
-                                   if v is not None})
+                            train=dict(train_overrides or {}))  # None: the default
     return train_spec_locally(spec, store=store, evaluate=evaluate, eval_samples=eval_samples,
                               progress=progress, log=log)
 

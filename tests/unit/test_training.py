@@ -39,7 +39,7 @@ def _trainer(family: str = "vae", **config: Any) -> tuple[Trainer, torch.Tensor,
 def test_names_are_checked_before_any_work() -> None:
     with pytest.raises(InvalidArgument, match="model names match"):
         spec_from_config("gan", name="MyGan")
-    with pytest.raises(InvalidArgument, match="job"):
+    with pytest.raises(InvalidArgument, match="job names match"):
         spec_from_config("gan", name="gan", job="my job")
     with pytest.raises(InvalidArgument, match="unknown family"):
         spec_from_config("gann")
