@@ -122,14 +122,34 @@ def security_note(gateway: Any) -> str:
 
 
 async def serve_until_signal(gateway: Any, grace: float,
-                             announce: Callable[[int], Awaitable[None]]) -> None:
+                             announce: Callable[[int], Awaitable[None]],
+                             watch: Callable[[Callable[[str], None]], Any] | None = None
+                             ) -> str | None:
     """Start ``gateway``, ``announce(port)``, serve until SIGINT or SIGTERM, then report
-    NOT_SERVING and let the calls in flight finish (``grace`` seconds)."""
+    NOT_SERVING and let the calls in flight finish (``grace`` seconds).
+
+    ``watch(lost)``: starts watching what the gateway depends on and calls ``lost(reason)``
+    (from any thread) when it is gone; the gateway then stops at once (new calls:
+    UNAVAILABLE) and the reason is returned. Returns None after a signal.
+    """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+    reasons: list[str] = []
     for sig in (signal.SIGINT, signal.SIGTERM):  # before start: a signal never goes unheard
         loop.add_signal_handler(sig, stop.set)
+
+    def lost(reason: str) -> None:
+        reasons.append(reason)
+        loop.call_soon_threadsafe(stop.set)
+
+    if watch is not None:
+        watch(lost)
     await announce(await gateway.start())
     await stop.wait()
+    if reasons:
+        await gateway.lose(reasons[0])  # NOT_SERVING; calls in flight: UNAVAILABLE now
+        await gateway.stop(grace=min(grace, 1.0))
+        return reasons[0]
     print("shutting down: health NOT_SERVING, finishing in-flight requests", flush=True)
     await gateway.stop(grace=grace)
+    return None

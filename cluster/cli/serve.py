@@ -42,7 +42,8 @@ def _train_missing(store: Any, names: list[str], minutes: float, progress: bool)
 
 
 async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, started: float,
-                         gateway_settings: Any) -> None:
+                         gateway_settings: Any) -> str | None:
+    """Serve until a signal (None) or until the embedded Ray head dies (its reason)."""
     from cluster.batch.manager import BatchManager
     from services.gateway.grpc_server import Gateway
     from services.serving import ray_cluster
@@ -75,7 +76,8 @@ async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, star
         if args.demo:
             await asyncio.to_thread(_demo, target, list(config.models), Path(args.demo), args)
 
-    await serve_until_signal(gateway, args.grace, announce)
+    watch = ray_cluster.watch_head if args.address is None else None
+    return await serve_until_signal(gateway, args.grace, announce, watch)
 
 
 def _demo(target: str, models: list[str], out: Path, args: argparse.Namespace) -> None:
@@ -114,12 +116,20 @@ def cmd_up(args: argparse.Namespace) -> int:
                           metrics_port=None if args.ray_metrics_port < 0 else args.ray_metrics_port,
                           dashboard_port=None if args.dashboard_port < 0 else args.dashboard_port)
     embedded = args.address is None
+    lost: str | None = None
     try:
         operations.deploy(config, store)
-        asyncio.run(_serve_gateway(args, store, config, started, settings))
+        lost = asyncio.run(_serve_gateway(args, store, config, started, settings))
     finally:
         (run_dir(store) / "up.json").unlink(missing_ok=True)
-        ray_cluster.stop_cluster(embedded=embedded)
+        if lost is None:
+            ray_cluster.stop_cluster(embedded=embedded)
+    if lost is not None:  # nothing of the cluster answers: leave without asking it
+        print(f"genfleet up: {lost}; the cluster and everything it served are gone and "
+              f"the gateway has stopped; run genfleet up again", file=sys.stderr, flush=True)
+        ray_cluster.abandon_cluster()
+        sys.stdout.flush()
+        os._exit(1)
     return 0
 
 

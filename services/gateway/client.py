@@ -4,6 +4,12 @@ retries only where the server says a retry can help: a status carrying the
 least the delay it names, or UNAVAILABLE from the transport (a gateway that went away).
 Every call it makes is idempotent (seeded), so a retry cannot duplicate work's effect.
 
+``target`` may name several gateways (``ipv4:10.0.0.1:50051,10.0.0.2:50051``, or a DNS
+name with several addresses such as Kubernetes' headless service,
+``dns:///genfleet-gateway-headless.genfleet:50051``): calls are spread over them
+round-robin, and a call that a gateway's death cut off (UNAVAILABLE) is retried on
+another, so a client loses no call when one gateway dies.
+
     with GenfleetClient("127.0.0.1:50051") as client:
         out = client.generate("diffusion", 16, seed=7, labels=range(16))
         out.samples.shape   # (16, 1, 8, 8)
@@ -61,7 +67,8 @@ class GenfleetClient:
                  tls_key: Path | None = None, timeout: float = 60.0, retries: int = 4,
                  backoff_s: float = 0.1, max_message_bytes: int = 64 * 1024 * 1024) -> None:
         options = [("grpc.max_receive_message_length", max_message_bytes),
-                   ("grpc.max_send_message_length", max_message_bytes)]
+                   ("grpc.max_send_message_length", max_message_bytes),
+                   ("grpc.lb_policy_name", "round_robin")]  # one address: the same as none
         if tls_ca or tls_cert:
             creds = grpc.ssl_channel_credentials(
                 root_certificates=tls_ca.read_bytes() if tls_ca else None,

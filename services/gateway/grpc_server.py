@@ -28,7 +28,7 @@ from grpc_reflection.v1alpha import reflection
 
 from services.core import api
 from services.core.batch import BatchRequest
-from services.core.errors import InvalidArgument, Overloaded
+from services.core.errors import InvalidArgument, ModelNotReady, Overloaded
 from services.gateway import codec
 from services.gateway.metrics import GatewayMetrics, MetricsInterceptor
 from services.gateway.pb.genfleet.v1 import batch_pb2 as bpb
@@ -142,21 +142,47 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.time() + remaining
 
 
-async def _run(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
-    """``call()``, with any error answered through the one status table."""
-    try:
-        return await call()
-    except asyncio.CancelledError:
-        raise
-    except Exception as exc:
-        await abort(context, exc)
-        raise AssertionError("unreachable") from exc  # abort raises
+class Calls:
+    """The calls in flight on this gateway. ``run`` answers any error through the one
+    status table; ``lose(reason)`` (what the gateway depends on is gone, e.g. the Ray
+    head died) ends every call in flight at once with UNAVAILABLE naming the reason, and
+    every later one too, instead of leaving them to their deadlines."""
+
+    def __init__(self) -> None:
+        self.lost: str | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    async def run(self, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]
+                  ) -> T:
+        task = asyncio.current_task()
+        try:
+            if self.lost is not None:
+                raise ModelNotReady(self.lost)
+            if task is not None:
+                self._tasks.add(task)
+            return await call()
+        except asyncio.CancelledError:
+            if self.lost is None:
+                raise
+            await abort(context, ModelNotReady(self.lost))
+            raise AssertionError("unreachable") from None  # abort raises
+        except Exception as exc:
+            await abort(context, exc)
+            raise AssertionError("unreachable") from exc  # abort raises
+        finally:
+            self._tasks.discard(task)  # type: ignore[arg-type]
+
+    def lose(self, reason: str) -> None:
+        self.lost = reason
+        for task in list(self._tasks):
+            task.cancel()
 
 
 class GenerationServicer(pb_grpc.GenerationServiceServicer):
     """pb <-> domain for GenerationService. No torch, no model logic."""
 
-    def __init__(self, backend: Backend, config: GatewayConfig) -> None:
+    def __init__(self, backend: Backend, config: GatewayConfig, calls: Calls) -> None:
+        self._calls = calls
         self._backend = backend
         self._config = config
         self._limit = config.max_message_bytes  # responses are predicted against it
@@ -166,14 +192,14 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         async def call() -> pb.ListModelsResponse:
             infos = await self._backend.list_models()
             return pb.ListModelsResponse(models=[codec.model_info_to_pb(i) for i in infos])
-        return await _run(context, call)
+        return await self._calls.run(context, call)
 
     async def Generate(self, request: pb.GenerateRequest,
                        context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
         async def call() -> pb.GenerateResponse:
             req = codec.generate_request_from_pb(request, _deadline(context), self._limit)
             return codec.generate_response_to_pb(await self._backend.generate(req))
-        return await _run(context, call)
+        return await self._calls.run(context, call)
 
     async def GenerateStream(self, request: pb.GenerateRequest,
                              context: grpc.aio.ServicerContext
@@ -213,27 +239,28 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
         async def call() -> pb.ScoreResponse:
             req = codec.score_request_from_pb(request, _deadline(context), self._limit)
             return codec.score_response_to_pb(await self._backend.score(req))
-        return await _run(context, call)
+        return await self._calls.run(context, call)
 
     async def Encode(self, request: pb.EncodeRequest,
                      context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
         async def call() -> pb.EncodeResponse:
             req = codec.encode_request_from_pb(request, _deadline(context), self._limit)
             return codec.encode_response_to_pb(await self._backend.encode(req))
-        return await _run(context, call)
+        return await self._calls.run(context, call)
 
     async def Decode(self, request: pb.DecodeRequest,
                      context: grpc.aio.ServicerContext) -> pb.DecodeResponse:
         async def call() -> pb.DecodeResponse:
             req = codec.decode_request_from_pb(request, _deadline(context), self._limit)
             return codec.decode_response_to_pb(await self._backend.decode(req))
-        return await _run(context, call)
+        return await self._calls.run(context, call)
 
 
 class BatchServicer(bpb_grpc.BatchServiceServicer):
     """pb <-> domain for BatchService; the jobs run in the batch backend, not in the call."""
 
-    def __init__(self, batches: BatchBackend) -> None:
+    def __init__(self, batches: BatchBackend, calls: Calls) -> None:
+        self._calls = calls
         self._batches = batches
 
     async def SubmitBatch(self, request: bpb.SubmitBatchRequest,
@@ -241,26 +268,26 @@ class BatchServicer(bpb_grpc.BatchServiceServicer):
         async def call() -> bpb.BatchJob:
             req = codec.batch_request_from_pb(request)
             return codec.batch_status_to_pb(await self._batches.submit(req))
-        return await _run(context, call)
+        return await self._calls.run(context, call)
 
     async def GetBatch(self, request: bpb.GetBatchRequest,
                        context: grpc.aio.ServicerContext) -> bpb.BatchJob:
         async def call() -> bpb.BatchJob:
             return codec.batch_status_to_pb(await self._batches.get(request.id))
-        return await _run(context, call)
+        return await self._calls.run(context, call)
 
     async def CancelBatch(self, request: bpb.CancelBatchRequest,
                           context: grpc.aio.ServicerContext) -> bpb.BatchJob:
         async def call() -> bpb.BatchJob:
             return codec.batch_status_to_pb(await self._batches.cancel(request.id))
-        return await _run(context, call)
+        return await self._calls.run(context, call)
 
     async def ListBatches(self, request: bpb.ListBatchesRequest,
                           context: grpc.aio.ServicerContext) -> bpb.ListBatchesResponse:
         async def call() -> bpb.ListBatchesResponse:
             jobs = await self._batches.list()
             return bpb.ListBatchesResponse(jobs=[codec.batch_status_to_pb(j) for j in jobs])
-        return await _run(context, call)
+        return await self._calls.run(context, call)
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
@@ -379,6 +406,7 @@ class Gateway:
         self._health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
         self._health_task: asyncio.Task[None] | None = None
+        self.calls = Calls()
         self.admission = Admission(tuple(f"/{s}/" for s in (SERVICE, BATCH_SERVICE)),
                                    self.config.max_concurrent_rpcs,
                                    self.config.max_request_bytes_in_flight)
@@ -406,12 +434,13 @@ class Gateway:
                 ("grpc.max_send_message_length", c.max_message_bytes),
                 ("grpc.so_reuseport", 0),
             ])
-        pb_grpc.add_GenerationServiceServicer_to_server(GenerationServicer(self.backend, c), server)
+        pb_grpc.add_GenerationServiceServicer_to_server(
+            GenerationServicer(self.backend, c, self.calls), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                     reflection.SERVICE_NAME]
         if self.batches is not None:
-            bpb_grpc.add_BatchServiceServicer_to_server(BatchServicer(self.batches), server)
+            bpb_grpc.add_BatchServiceServicer_to_server(BatchServicer(self.batches, self.calls), server)
             services.append(BATCH_SERVICE)
         reflection.enable_server_reflection(services, server)
         address = f"{c.host}:{c.port}"
@@ -458,6 +487,16 @@ class Gateway:
             await asyncio.sleep(self.config.health_interval_s)
             with contextlib.suppress(Exception):
                 await self._refresh_health()
+
+    async def lose(self, reason: str) -> None:
+        """What the gateway serves from is gone (``reason``): NOT_SERVING at once, and every
+        call in flight or arriving answered UNAVAILABLE with the reason."""
+        if self._health_task is not None:
+            self._health_task.cancel()
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(health.OVERALL_HEALTH, not_serving)
+        await self.health.set(SERVICE, not_serving)
+        self.calls.lose(reason)
 
     async def stop(self, grace: float = 10.0) -> None:
         """Report NOT_SERVING, stop accepting calls, let in-flight calls finish."""

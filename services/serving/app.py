@@ -68,12 +68,12 @@ def build_app(config: ServeConfig, store: ModelStore) -> serve.Application:
             name=m.name,
             max_ongoing_requests=m.max_ongoing_requests,
             max_queued_requests=m.max_queued_requests,
-            autoscaling_config=m.autoscaling_config,
+            autoscaling_config=m.autoscaling(),
             ray_actor_options=m.ray_actor_options,
             user_config=m.user_config(),
         )
         bound[m.name] = deployment.bind(
             m.name, str(store.root), device=m.device, autocast=m.autocast, threads=m.threads,
-            limits=dict(m.limits))
+            limits=dict(m.limits), warmup=m.warmup)
     app: serve.Application = cast(Any, Directory).bind(bound)
     return app

@@ -19,11 +19,12 @@ from services.core.api import Limits
 from services.core.errors import InvalidArgument
 from services.core.store import check_name
 
+REQUESTS_POLICY = "services.serving.autoscaling:requests_policy"
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "cluster" / "configs" / "serve.yaml"
 
 _MODEL_KEYS = {"device", "autocast", "threads", "limits", "max_ongoing_requests",
                "max_queued_requests", "autoscaling_config", "ray_actor_options", "batching",
-               "version"}
+               "version", "warmup"}
 _LIMIT_KEYS = {f.name for f in dataclasses.fields(Limits)}
 
 
@@ -44,6 +45,7 @@ class ModelServeConfig:
     batching: dict[str, Any] = field(default_factory=lambda: {
         "max_batch_size": 32, "batch_wait_timeout_s": 0.005})
     version: int | None = None  # None: the latest in the store when deployed
+    warmup: bool = True  # run a synthetic batch before a replica (or a rollout) serves
 
     def validate(self) -> None:
         check_name(self.name)
@@ -71,8 +73,20 @@ class ModelServeConfig:
             raise InvalidArgument(f"{self.name}.autocast", "must be bf16, fp16 or null")
 
     def user_config(self) -> dict[str, Any]:
-        """What the replicas' ``reconfigure`` receives (changeable without a restart)."""
-        return {"version": self.version, **self.batching}
+        """What the replicas' ``reconfigure`` receives (changeable without a restart): the
+        version, dynamic batching, and the admission limits the gateway enforces in
+        requests (Serve's own limits count handle calls, and a coalesced group is one)."""
+        return {"version": self.version, **self.batching,
+                "max_ongoing_requests": self.max_ongoing_requests,
+                "max_queued_requests": self.max_queued_requests}
+
+    def autoscaling(self) -> dict[str, Any]:
+        """``autoscaling_config`` for Serve: scaled on requests held by the replicas
+        (``services.serving.autoscaling.requests_policy``) unless a policy is given."""
+        out = dict(self.autoscaling_config)
+        if out.get("min_replicas") != out.get("max_replicas"):
+            out.setdefault("policy", {"policy_function": REQUESTS_POLICY})
+        return out
 
 
 @dataclass

@@ -12,6 +12,12 @@
   that fails to load (broken files, checksum mismatch) is not swapped in: the replica keeps
   serving the old one and logs why. It also sets the dynamic-batching size and wait at run
   time.
+- The replica loads and warms its model (``ReplicaEngine.warm``) in ``reconfigure``, which
+  Serve runs before the replica counts as started: no call waits on a cold model, at
+  start or after a rollout (the new version is warmed before it is swapped in).
+- Autoscaling counts requests, not handle calls: ``record_autoscaling_stats`` reports the
+  requests this replica holds (a coalesced group of 32 counts 32), and
+  ``services.serving.autoscaling.requests_policy`` scales on their sum.
 - Every second the replica reports its load (requests waiting for a batch, requests in
   the running batch) to the app's ``Directory``, which ``genfleet status`` reads, and to
   Prometheus (``ReplicaMetrics``: queue and compute time, batch sizes, samples, sampler
@@ -50,23 +56,27 @@ class ModelDeployment:
 
     def __init__(self, name: str, store_root: str, *, device: str = "auto",
                  autocast: str | None = None, threads: int = 1,
-                 limits: dict[str, int] | None = None) -> None:
+                 limits: dict[str, int] | None = None, warmup: bool = True) -> None:
         torch.set_num_threads(max(1, threads))  # replicas share the node's cores
         self._name = name
         self._store_root = store_root
         self._kwargs: dict[str, Any] = {"device": device, "autocast": autocast,
-                                        "limits": api.Limits(**(limits or {}))}
+                                        "limits": api.Limits(**(limits or {})),
+                                        "warmup": warmup}
         self._engine: ReplicaEngine | None = None
         self._max_batch_size = 32
         self._runner: MergingRunner[Item, api.GenerateResult | api.ErrorResult] = MergingRunner(
             self._run_batch, lambda: self._max_batch_size)
         self._ongoing = 0  # generate requests accepted and not answered
+        self._other = 0  # score / encode / decode calls accepted and not answered
+        self._admission = {"max_ongoing_requests": 32, "max_queued_requests": 64}
         self._reporter: asyncio.Task[None] | None = None
         self._metrics: ReplicaMetrics | None = None
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
         """Apply ``user_config``: ``version`` (None: latest), ``max_batch_size``,
-        ``batch_wait_timeout_s``."""
+        ``batch_wait_timeout_s``, and the admission limits the gateway enforces in requests
+        (``max_ongoing_requests``, ``max_queued_requests``; see ``batch_settings``)."""
         version = config.get("version")
         if self._reporter is None:
             self._reporter = asyncio.get_running_loop().create_task(self._report_load())
@@ -84,6 +94,9 @@ class ModelDeployment:
                           self._name, version, self._engine.version, exc)
             else:
                 log.info("%s now serves version %d", self._name, info.version)
+        for key in self._admission:
+            if key in config:
+                self._admission[key] = int(config[key])
         batcher: Any = self._batched  # the @serve.batch wrapper carries its setters
         if "max_batch_size" in config:
             self._max_batch_size = max(1, int(config["max_batch_size"]))
@@ -111,6 +124,11 @@ class ModelDeployment:
         running = self._runner.running
         return {"queued": max(0, self._ongoing - running), "running": running}
 
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Serve's custom autoscaling metric: the requests this replica holds, each request
+        of a coalesced group counted (``services.serving.autoscaling``)."""
+        return {"requests": float(self._ongoing + self._other)}
+
     async def _report_load(self, period_s: float = 1.0) -> None:
         context = serve.get_replica_context()
         directory = serve.get_app_handle(context.app_name)
@@ -126,9 +144,12 @@ class ModelDeployment:
             await asyncio.sleep(period_s)
 
     async def batch_settings(self) -> dict[str, float]:
+        """Dynamic batching (``max_batch_size``, ``batch_wait_timeout_s``) and the admission
+        limits, in requests, that the gateway applies before it coalesces."""
         batcher: Any = self._batched
         return {"max_batch_size": batcher._get_max_batch_size(),
-                "batch_wait_timeout_s": batcher._get_batch_wait_timeout_s()}
+                "batch_wait_timeout_s": batcher._get_batch_wait_timeout_s(),
+                **self._admission}
 
     async def generate(self, request: api.GenerateRequest
                        ) -> api.GenerateResult | api.ErrorResult:
@@ -176,6 +197,7 @@ class ModelDeployment:
     async def _call(self, method: str, fn: Callable[[Any, CancelToken], T], request: Any
                     ) -> T | api.ErrorResult:
         token = CancelToken(request.deadline)
+        self._other += 1
         try:
             return await asyncio.to_thread(fn, request, token)
         except asyncio.CancelledError:
@@ -183,6 +205,8 @@ class ModelDeployment:
             raise
         except Exception as exc:
             return api.ErrorResult.failure(exc, f"{self._name}.{method}")
+        finally:
+            self._other -= 1
 
     async def score(self, request: api.ScoreRequest) -> api.ScoreResult | api.ErrorResult:
         return await self._call("score", lambda r, t: self._ready().score(r, t), request)

@@ -7,11 +7,15 @@ logic lives here.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -118,6 +122,71 @@ def connect(address: str | None = None) -> None:
         ray.init(address=address or "auto", logging_level=logging.ERROR, log_to_driver=False)
     except ConnectionError as exc:
         raise ModelNotReady(f"no Ray cluster at {address or 'auto'}: run genfleet up") from exc
+
+
+def watch_head(on_lost: Callable[[str], None], period_s: float = 0.5) -> bool:
+    """Call ``on_lost(reason)`` once, from a daemon thread, when a process of the embedded
+    head (its GCS or raylet) exits. Returns False (nothing to watch) when this process
+    did not start the cluster."""
+    from ray._private import ray_constants
+    from ray._private.worker import global_worker
+
+    node = global_worker.node
+    kinds = {ray_constants.PROCESS_TYPE_GCS_SERVER: "GCS (gcs_server)",
+             ray_constants.PROCESS_TYPE_RAYLET: "raylet"}
+    watched = [(name, info.process) for kind, name in kinds.items()
+               for info in (node.all_processes.get(kind, []) if node is not None else [])
+               if info.process is not None]
+    if not watched:
+        return False
+
+    def poll() -> None:
+        while True:
+            for name, process in watched:
+                code = process.poll()
+                if code is not None:
+                    how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                    on_lost(f"the Ray head's {name} exited ({how})")
+                    return
+            time.sleep(period_s)
+
+    threading.Thread(target=poll, name="ray-head-watch", daemon=True).start()
+    return True
+
+
+def abandon_cluster() -> None:
+    """After the head died: kill what is left of the embedded cluster's processes without
+    asking the GCS anything (``ray.shutdown`` and ``serve.shutdown`` would wait on it)."""
+    from ray._private.worker import global_worker
+
+    _discovery_stop.set()
+    orphans = descendants(os.getpid())  # the raylet's agents and workers too
+    node = global_worker.node
+    if node is not None:
+        node.kill_all_processes(check_alive=False, allow_graceful=False, wait=False)
+    for pid in orphans:
+        with contextlib.suppress(OSError):  # gone already
+            os.kill(pid, signal.SIGKILL)
+
+
+def descendants(root: int) -> list[int]:
+    """Every live process below ``root`` (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(proc.name))
+    out, todo = [], [root]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def stop_cluster(*, embedded: bool) -> None:

@@ -3,7 +3,13 @@ failures turned into genfleet's errors (DESIGN.md §4, §7).
 
 - The client's deadline is enforced here: when it passes, the handle's response is
   cancelled (the replica's token stops the sampler) and DeadlineExceeded is raised.
-- ``BackPressureError`` (``max_queued_requests`` reached) -> Overloaded.
+- Admission in requests: a model's requests in flight from this gateway (each Generate,
+  Score, Encode or Decode call; a coalesced group counts its size) are capped at
+  ``replicas x max_ongoing_requests + max_queued_requests`` (the deployment's settings,
+  read from a replica; the replicas counted from the app's load reports); beyond it a
+  call is refused at once with Overloaded (RESOURCE_EXHAUSTED and a retry delay). Serve's
+  own ``BackPressureError`` (the same limits counted in handle calls, which the
+  admission keeps from being reached) -> Overloaded too.
 - No replica there yet (starting, restarting) -> waited for with backoff while the
   deadline allows, then ModelNotReady (UNAVAILABLE, with a retry delay for the client).
 - A replica that died while it held a call: every call is a pure function of its request
@@ -20,10 +26,11 @@ failures turned into genfleet's errors (DESIGN.md §4, §7).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
 from ray import serve
@@ -77,7 +84,9 @@ class ServeBackend(Backend):
         self._handles: dict[str, DeploymentHandle] = {}
         self._names: list[str] | None = None
         self._infos: dict[str, tuple[float, api.ModelInfo]] = {}
-        self._batching: dict[str, tuple[float, tuple[int, float]]] = {}
+        self._settings: dict[str, tuple[float, dict[str, float]]] = {}
+        self._replicas: tuple[float, dict[str, int]] | None = None
+        self.inflight: dict[str, int] = {}  # per model: requests admitted, not answered
         self.coalescers: dict[str, Coalescer[api.GenerateRequest, Any]] = {}
 
     # ---------------------------------------------------------------- models
@@ -105,16 +114,61 @@ class ServeBackend(Backend):
         self._infos[name] = (time.monotonic(), result)
         return result
 
-    async def batching(self, name: str) -> tuple[int, float]:
-        """The deployment's (max_batch_size, batch_wait_timeout_s), cached like ``info``."""
-        cached = self._batching.get(name)
+    async def settings(self, name: str) -> dict[str, float]:
+        """The deployment's batching and admission settings (``batch_settings`` of a
+        replica), cached like ``info``."""
+        cached = self._settings.get(name)
         if cached and time.monotonic() - cached[0] < self.info_ttl_s:
             return cached[1]
-        settings = await self._call(name, "batch_settings", lambda h: h.batch_settings.remote(),
-                                    None)
-        value = (int(settings["max_batch_size"]), float(settings["batch_wait_timeout_s"]))
-        self._batching[name] = (time.monotonic(), value)
+        value: dict[str, float] = await self._call(
+            name, "batch_settings", lambda h: h.batch_settings.remote(), None)
+        self._settings[name] = (time.monotonic(), value)
         return value
+
+    async def batching(self, name: str) -> tuple[int, float]:
+        """The deployment's (max_batch_size, batch_wait_timeout_s)."""
+        settings = await self.settings(name)
+        return int(settings["max_batch_size"]), float(settings["batch_wait_timeout_s"])
+
+    async def replicas(self, name: str) -> int:
+        """Replicas of ``name`` that reported their load lately (at least 1), cached."""
+        cached = self._replicas
+        if cached is None or time.monotonic() - cached[0] >= self.info_ttl_s:
+            try:
+                loads = await asyncio.wait_for(
+                    serve.get_app_handle(self.app_name).load.remote(), timeout=5.0)
+                counts = {m: int(row.get("replicas", 0)) for m, row in loads.items()}
+            except Exception as exc:  # the directory restarting: keep the last count
+                log.debug("replica count not refreshed: %s", exc)
+                counts = cached[1] if cached else {}
+            cached = self._replicas = (time.monotonic(), counts)
+        return max(1, cached[1].get(name, 1))
+
+    @contextlib.asynccontextmanager
+    async def admit(self, name: str, requests: int = 1) -> AsyncIterator[None]:
+        """Hold ``requests`` of ``name``'s admission while the block runs.
+
+        Raises:
+            Overloaded: ``replicas x max_ongoing_requests + max_queued_requests`` requests
+                of this model are already in flight from this gateway.
+        """
+        settings = await self.settings(name)
+        queued = int(settings.get("max_queued_requests", -1))
+        replicas = await self.replicas(name) if queued >= 0 else 0
+        held = self.inflight.get(name, 0)  # read after the awaits: no other call between
+        if queued >= 0:
+            ongoing = int(settings.get("max_ongoing_requests", 1))
+            limit = replicas * ongoing + queued
+            if held + requests > limit:
+                raise Overloaded(
+                    f"{name} holds {held} requests from this gateway, its limit "
+                    f"({replicas} replica(s) x max_ongoing_requests {ongoing} + "
+                    f"max_queued_requests {queued}); retry with backoff")
+        self.inflight[name] = held + requests
+        try:
+            yield
+        finally:
+            self.inflight[name] -= requests
 
     async def healthy(self, name: str | None = None) -> bool:
         """Overall (any model) or one model: a running replica answers ``info``."""
@@ -130,21 +184,26 @@ class ServeBackend(Backend):
     async def generate(self, request: api.GenerateRequest) -> api.GenerateResult:
         info = await self.resolve(request.model)
         request = validation.check_generate(request, info)  # before it joins a group
-        max_size, wait_s = await self.batching(info.name)
-        if max_size <= 1:  # batching off: every request alone, no coalescing either
-            return await self._generate(info.name, request)
-        coalescer = self.coalescers.get(info.name)
-        if coalescer is None:
-            async def send(group: list[api.GenerateRequest], name: str = info.name) -> list[Any]:
-                return await self._send_group(name, group)
-            coalescer = self.coalescers[info.name] = Coalescer(send)
-        timeout = None if request.deadline is None else max(0.0, request.deadline - time.time())
-        try:
-            result = await asyncio.wait_for(coalescer.submit(request, max_size, wait_s), timeout)
-        except TimeoutError:
-            raise DeadlineExceeded(f"deadline passed while {info.name}.generate ran") from None
-        generated: api.GenerateResult = api.unwrap(result)
-        return generated
+        async with self.admit(info.name):
+            max_size, wait_s = await self.batching(info.name)
+            if max_size <= 1:  # batching off: every request alone, no coalescing either
+                return await self._generate(info.name, request)
+            coalescer = self.coalescers.get(info.name)
+            if coalescer is None:
+                async def send(group: list[api.GenerateRequest], name: str = info.name
+                               ) -> list[Any]:
+                    return await self._send_group(name, group)
+                coalescer = self.coalescers[info.name] = Coalescer(send)
+            timeout = None if request.deadline is None else max(0.0,
+                                                                request.deadline - time.time())
+            try:
+                result = await asyncio.wait_for(coalescer.submit(request, max_size, wait_s),
+                                                timeout)
+            except TimeoutError:
+                raise DeadlineExceeded(f"deadline passed while {info.name}.generate ran"
+                                       ) from None
+            generated: api.GenerateResult = api.unwrap(result)
+            return generated
 
     async def _send_group(self, name: str, group: list[api.GenerateRequest]) -> list[Any]:
         """One coalesced group -> one result (or ErrorResult) per request, in order."""
@@ -179,16 +238,19 @@ class ServeBackend(Backend):
                                 request.deadline)
 
     async def _score(self, name: str, request: api.ScoreRequest) -> api.ScoreResult:
-        return await self._call(name, "score", lambda h: h.score.remote(request),
-                                request.deadline)
+        async with self.admit(name):
+            return await self._call(name, "score", lambda h: h.score.remote(request),
+                                    request.deadline)
 
     async def _encode(self, name: str, request: api.EncodeRequest) -> api.EncodeResult:
-        return await self._call(name, "encode", lambda h: h.encode.remote(request),
-                                request.deadline)
+        async with self.admit(name):
+            return await self._call(name, "encode", lambda h: h.encode.remote(request),
+                                    request.deadline)
 
     async def _decode(self, name: str, request: api.DecodeRequest) -> api.DecodeResult:
-        return await self._call(name, "decode", lambda h: h.decode.remote(request),
-                                request.deadline)
+        async with self.admit(name):
+            return await self._call(name, "decode", lambda h: h.decode.remote(request),
+                                    request.deadline)
 
     async def _call(self, name: str, method: str,
                     send: Callable[[DeploymentHandle],
