@@ -170,7 +170,7 @@ class Calls:
             await abort(context, exc)
             raise AssertionError("unreachable") from exc  # abort raises
         finally:
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
 
     def lose(self, reason: str) -> None:
         self.lost = reason
