@@ -199,6 +199,7 @@ class Result:
     recover_s: float  # fault -> completions per second back to half the pre-fault rate
     codes: dict[str, int] = field(default_factory=dict)
     notes: str = ""
+    extra: dict[str, float] = field(default_factory=dict)  # per-fault facts, for tests
 
     def row(self) -> str:
         return (f"{self.fault:<22} {self.calls:>7} {self.failed:>7} {self.p50_ms:>9.1f} "
@@ -387,7 +388,8 @@ def autoscale(store: ModelStore, workdir: Path, model: str = "diffusion", *,
                            f"2->1 {timeline[1][0] - timeline[0][0]:.0f} s after load fell "
                            f"to {quiet_clients}")
         result.recover_s = float("nan")
-        result.codes["scaled_up"] = int(bool(up))
+        result.extra = {"scaled_up": float(bool(up)), "up_s": timeline[0][0],
+                        "down_s": timeline[1][0] - timeline[0][0]}
         return result
     finally:
         gw.stop()
@@ -434,9 +436,10 @@ def batch_actor_kill(store: ModelStore, workdir: Path, *, samples: int = 600,
     count = int(manifest.get("num_samples", 0))
     failed = 0 if same and count == samples else samples
     return Result("batch-actor", samples, failed, float("nan"), float("nan"), took,
-                  {"identical": int(same)},
-                  f"2 workers, killed actor pid {killed[0] if killed else None}; "
-                  f"{count} samples, byte-identical to an uninterrupted run: {same}")
+                  {}, extra={"identical": float(same), "samples": float(count),
+                             "killed_pid": float(killed[0] if killed else 0)},
+                  notes=f"2 workers, killed actor pid {killed[0] if killed else None}; "
+                        f"{count} samples, byte-identical to an uninterrupted run: {same}")
 
 
 def head_kill(store_root: Path, workdir: Path, model: str = "gan", *, clients: int = 4,
@@ -445,6 +448,8 @@ def head_kill(store_root: Path, workdir: Path, model: str = "gan", *, clients: i
     report NOT_SERVING within seconds, calls fail fast with UNAVAILABLE, and ``genfleet
     up`` exit non-zero with one clear line."""
     log_path = workdir / "up-head.log"
+    state_file = store_root.parent / "run" / "up.json"
+    state_file.unlink(missing_ok=True)  # a stale one from an earlier run
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [GENFLEET, "--store", str(store_root), "up", "--models", model, "--port", "0",
@@ -455,8 +460,7 @@ def head_kill(store_root: Path, workdir: Path, model: str = "gan", *, clients: i
         def state() -> dict[str, Any] | None:
             if proc.poll() is not None:
                 raise RuntimeError(f"genfleet up exited: {log_path.read_text()[-2000:]}")
-            path = store_root.parent / "run" / "up.json"
-            return json.loads(path.read_text()) if path.exists() else None
+            return json.loads(state_file.read_text()) if state_file.exists() else None
         target = wait_for(state, 300, "genfleet up")["target"]
         with grpc.insecure_channel(target) as channel:
             stub = pb_grpc.GenerationServiceStub(channel)
@@ -477,6 +481,9 @@ def head_kill(store_root: Path, workdir: Path, model: str = "gan", *, clients: i
                            f"genfleet up exit {code} after {exited:.1f} s; calls after it "
                            f"failed in <= {1000 * slowest:.0f} ms; last line: {last!r}")
         result.recover_s = exited
+        result.extra = {"exit_code": float(code if code is not None else -1),
+                        "exit_s": exited, "slowest_after_ms": 1000 * slowest,
+                        "calls_after": float(len(after))}
         return result
     finally:
         if proc.poll() is None:
@@ -545,7 +552,7 @@ def main(argv: list[str] | None = None) -> int:
         results: list[Result] = []
         ray_cluster.start_cluster(num_cpus=4)
         try:
-            for fault in args.only:
+            for fault in (f for f in args.only if f != "head"):  # head: after this cluster
                 print(f"--- {fault}", flush=True)
                 if fault.startswith("replica-"):
                     _, model, k = fault.split("-")
@@ -558,10 +565,8 @@ def main(argv: list[str] | None = None) -> int:
                     got = [batch_actor_kill(store, workdir)]
                 elif fault == "autoscale":
                     got = [autoscale(store, workdir)]
-                elif fault == "warm":
-                    got = warm_start(store, workdir)
                 else:
-                    continue  # head: after this cluster is gone (below)
+                    got = warm_start(store, workdir)
                 for r in got:
                     print(r.row(), flush=True)
                 results.extend(got)

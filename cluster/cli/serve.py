@@ -125,11 +125,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         if lost is None:
             ray_cluster.stop_cluster(embedded=embedded)
     if lost is not None:  # nothing of the cluster answers: leave without asking it
-        print(f"genfleet up: {lost}; the cluster and everything it served are gone and "
-              f"the gateway has stopped; run genfleet up again", file=sys.stderr, flush=True)
         ray_cluster.abandon_cluster()
         sys.stdout.flush()
-        os._exit(1)
+        print(f"genfleet up: {lost}; the cluster and everything it served are gone and "
+              f"the gateway has stopped; run genfleet up again", file=sys.stderr, flush=True)
+        os._exit(1)  # Ray's threads would wait on the dead GCS at interpreter exit
     return 0
 
 

@@ -223,6 +223,41 @@ def test_backpressure_is_resource_exhausted(ray_cluster: None, app: ModelStore) 
         serve.delete("genfleet-backpressure")
 
 
+def test_backpressure_counts_requests_not_coalesced_groups(ray_cluster: None,
+                                                          app: ModelStore) -> None:
+    """max_ongoing_requests 4 + max_queued_requests 4 on one replica admit 8 requests,
+    although all 32 callers below would fit in one coalesced group (one handle call)."""
+    config = load_config(models=["ebm"])
+    config.app_name = "genfleet-admission"
+    m = config.models["ebm"]
+    m.autoscaling_config = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
+    m.max_ongoing_requests, m.max_queued_requests = 4, 4
+    m.batching = {"max_batch_size": 32, "batch_wait_timeout_s": 0.2}
+    operations.deploy(config, app)
+    thread = GatewayThread(lambda: ServeBackend("genfleet-admission"),
+                           GatewayConfig(host="127.0.0.1", port=0))
+    try:
+        with GenfleetClient(thread.target, retries=0) as client:
+            client.generate("ebm", 1)  # settings and replica count known before the burst
+            barrier = threading.Barrier(32)
+
+            def call(_: int) -> str:
+                barrier.wait()
+                try:
+                    client.generate("ebm", 4, options={"steps": 200})
+                    return "OK"
+                except grpc.RpcError as exc:
+                    return str(exc.code().name)  # type: ignore[attr-defined]
+            with ThreadPoolExecutor(32) as pool:
+                codes = list(pool.map(call, range(32)))
+            assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+            assert codes.count("OK") >= 8, codes
+            assert codes.count("RESOURCE_EXHAUSTED") >= 16, codes
+    finally:
+        thread.stop()
+        serve.delete("genfleet-admission")
+
+
 # ----------------------------------------------------------------- operations
 def test_rollout_under_load_fails_no_request(gateway: GatewayThread, app: ModelStore) -> None:
     tiny_store(app.root, families=["gan"], steps=3)  # version 2 of "gan"

@@ -130,15 +130,19 @@ def test_every_manifest_validates_against_its_schema(name: str, version: str) ->
     ("RayService", lambda d: d["spec"]["rayClusterConfig"]["autoscalerOptions"]
      .update(upscalingMode="Fast")),
     ("RayService", lambda d: d["spec"].pop("serveConfigV2")),
+    ("RayService", lambda d: d["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+     .pop("redisAddress")),
+    ("RayService", lambda d: d["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+     ["redisPassword"].update(secretKeyRef={})),  # belongs under valueFrom
     ("PodMonitor", lambda d: d["spec"]["podMetricsEndpoints"][0].update(interval="15")),
     ("PodMonitor", lambda d: d["spec"].update(podMetricEndpoints=[])),
     ("Deployment", lambda d: d["spec"]["template"]["spec"]["containers"][0]["readinessProbe"]
      ["grpc"].update(port="health")),  # gRPC probes take a number
 ], ids=["misspelt-field", "int-start-param", "pod-template", "enum", "required",
-        "duration", "podmonitor-field", "grpc-probe-port"])
+        "gcs-ft-address", "gcs-ft-secret", "duration", "podmonitor-field", "grpc-probe-port"])
 def test_the_schemas_catch_mistakes(kind: str, mistake: Any) -> None:
-    doc = json.loads(json.dumps(_one(_render("base"), kind, None if kind != "PodMonitor"
-                                     else "genfleet-gateway")))
+    name = {"PodMonitor": "genfleet-gateway", "Deployment": "genfleet-gateway"}.get(kind)
+    doc = json.loads(json.dumps(_one(_render("base"), kind, name)))
     assert _errors(doc, K8S_VERSIONS[0]) == []
     mistake(doc)
     assert _errors(doc, K8S_VERSIONS[0]) != []
@@ -291,7 +295,7 @@ def test_every_ray_pod_mounts_the_store_and_exports_metrics(directory: str) -> N
     docs = _render(directory)
     service = _one(docs, "RayService")
     store = yaml.safe_load(service["spec"]["serveConfigV2"])["applications"][0]["args"]["store"]
-    claim = _one(docs, "PersistentVolumeClaim")["metadata"]["name"]
+    claim = _one(docs, "PersistentVolumeClaim", "genfleet-store")["metadata"]["name"]
     ray_monitor = _one(docs, "PodMonitor", "genfleet-ray")
     for template in _ray_pods(service):
         container = _container(template)
@@ -343,7 +347,8 @@ def test_the_gateway_is_wired_to_the_cluster_probes_and_secrets(directory: str) 
         assert volumes[mounts[tls_dir]]["secret"]["secretName"] == "genfleet-gateway-tls"
     labels = pod["metadata"]["labels"]
     assert deployment["spec"]["selector"]["matchLabels"].items() <= labels.items()
-    for svc in (d for d in docs if d["kind"] == "Service"):
+    for svc in (d for d in docs if d["kind"] == "Service"
+                and d["metadata"]["labels"]["app.kubernetes.io/component"] == "gateway"):
         assert svc["spec"]["selector"].items() <= labels.items()
         assert {p["targetPort"] for p in svc["spec"]["ports"]} <= set(ports)
     hpa = _one(docs, "HorizontalPodAutoscaler")
@@ -355,6 +360,32 @@ def test_the_gateway_is_wired_to_the_cluster_probes_and_secrets(directory: str) 
     assert [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]] == ["metrics"]
     image = container["image"]
     assert image == ("genfleet:cpu" if directory == "overlays/dev" else "genfleet:cuda")
+
+
+@pytest.mark.parametrize("directory", KUSTOMIZATIONS)
+def test_the_rayservice_survives_a_head_restart(directory: str) -> None:
+    """GCS fault tolerance: the head keeps its state in the Redis these manifests run, with
+    the password from the Secret that Redis itself uses; gateways wait out a restart."""
+    docs = _render(directory)
+    options = _one(docs, "RayService")["spec"]["rayClusterConfig"]["gcsFaultToleranceOptions"]
+    match = re.fullmatch(r"redis://([a-z0-9-]+):(\d+)", options["redisAddress"])
+    assert match, options
+    service = _one(docs, "Service", match.group(1))
+    assert int(match.group(2)) in {p["port"] for p in service["spec"]["ports"]}
+    redis = _one(docs, "Deployment", match.group(1))
+    pod = redis["spec"]["template"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    container = _container(pod)
+    (password,) = [e for e in container["env"] if e["name"] == "REDIS_PASSWORD"]
+    assert password["valueFrom"] == options["redisPassword"]["valueFrom"]  # one Secret
+    assert "--requirepass" in container["args"][0] and "--appendonly yes" in container["args"][0]
+    (data,) = [v for v in pod["spec"]["volumes"] if "persistentVolumeClaim" in v]
+    claim = data["persistentVolumeClaim"]["claimName"]
+    assert _one(docs, "PersistentVolumeClaim", claim)
+    assert redis["spec"]["replicas"] == 1 and redis["spec"]["strategy"]["type"] == "Recreate"
+    gateway = _container(_one(docs, "Deployment", "genfleet-gateway")["spec"]["template"])
+    env = {e["name"]: e.get("value") for e in gateway["env"]}
+    assert int(env["RAY_gcs_rpc_server_reconnect_timeout_s"]) >= 300
 
 
 @pytest.mark.parametrize("job", [p.name for p in JOBS])
