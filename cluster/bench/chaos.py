@@ -494,33 +494,65 @@ def head_kill(store_root: Path, workdir: Path, model: str = "gan", *, clients: i
                 os.kill(pid, signal.SIGKILL)
 
 
-def warm_start(store: ModelStore, workdir: Path, model: str = "vae", *,
-               calls: int = 50) -> list[Result]:
-    """The first call after a replica starts and after a rollout, against the steady p50,
-    with warm-up on (the default) and off."""
+def _new_version(store: ModelStore, model: str) -> int:
+    """Save the latest version of ``model`` again as a new version (same weights)."""
+    from services.models import load_model
+
+    net, meta = load_model(store, model)
+    return store.save(model, family=meta.family, config=meta.config, state=net.state_dict(),
+                      data=meta.data, metrics=meta.metrics).version
+
+
+def warm_start(store: ModelStore, workdir: Path, models: Sequence[str] = ("vae", "diffusion"),
+               *, calls: int = 30, rollouts: int = 3) -> list[Result]:
+    """The first call after a replica starts and after each of ``rollouts`` rollouts to a
+    new version, against the steady median, with warm-up on (the default) and off: the
+    replica's own compute time (``timings.compute_ms``: the gateway's first lookups of a
+    model, its settings and its replicas are not the model's warmth) and end to end.
+    Runs on a copy of each model in ``workdir`` (rollouts add versions)."""
+    import shutil
+
     from services.gateway.client import GenfleetClient
     from services.serving import operations
 
     out = []
-    for warmup in (True, False):
-        app = f"chaos-warm-{model}-{int(warmup)}"
-        with application(store, app, model, workdir, warmup=warmup) as (gw,), \
-                GenfleetClient(gw.target, timeout=60) as client:
-            def timed(seed: int) -> float:
-                started = time.perf_counter()
-                client.generate(model, 1, seed=seed)
-                return 1000 * (time.perf_counter() - started)
-            first = timed(0)
-            steady = float(np.median([timed(s) for s in range(1, calls)]))
-            state = operations.load_state(store, app)
-            version = state.models[model].version
-            operations.rollout(store, model, version, app_name=app)
-            time.sleep(2.0)
-            after = timed(calls)
-            out.append(Result(f"warm-{'on' if warmup else 'off'}-{model}", calls + 1, 0,
-                              steady, float("nan"), float("nan"), {},
-                              f"first call after start {first:.1f} ms, after rollout "
-                              f"{after:.1f} ms, steady p50 {steady:.1f} ms"))
+    for model in models:
+        options = {"steps": 20} if model == "diffusion" else None
+        for warmup in (True, False):
+            copy = ModelStore(workdir / f"warm-store-{model}-{int(warmup)}")
+            shutil.copytree(store.root / model, copy.root / model)
+            app = f"chaos-warm-{model}-{int(warmup)}"
+            with application(copy, app, model, workdir, warmup=warmup) as (gw,), \
+                    GenfleetClient(gw.target, timeout=60) as client:
+                def timed(seed: int, model: str = model, options: Any = options
+                          ) -> tuple[float, float, int]:
+                    started = time.perf_counter()
+                    result = client.generate(model, 1, seed=seed, options=options)
+                    return (1000 * (time.perf_counter() - started), result.timings.compute_ms,
+                            result.version)
+                first = timed(0)[:2]
+                steady = np.median([timed(s)[:2] for s in range(1, calls)], axis=0)
+                after = []
+                for i in range(rollouts):
+                    version = _new_version(copy, model)
+                    operations.rollout(copy, model, version, app_name=app)
+                    deadline = time.monotonic() + 60
+                    while time.monotonic() < deadline:  # the first call the new version serves
+                        ms, compute, served = timed(calls + i)
+                        if served == version:
+                            after.append((ms, compute))
+                            break
+                        time.sleep(0.05)
+                rolled = np.median(after, axis=0)
+            out.append(Result(
+                f"warm-{'on' if warmup else 'off'}-{model}", calls + rollouts, 0,
+                float(steady[0]), float("nan"), float("nan"),
+                notes=f"compute: first after start {first[1]:.1f} ms, first after a rollout "
+                      f"{rolled[1]:.1f} ms (median of {rollouts}), steady {steady[1]:.1f} ms; "
+                      f"end to end: {first[0]:.1f} / {rolled[0]:.1f} / {steady[0]:.1f} ms",
+                extra={"first_ms": first[0], "first_compute_ms": first[1],
+                       "rollout_ms": float(rolled[0]), "rollout_compute_ms": float(rolled[1]),
+                       "steady_ms": float(steady[0]), "steady_compute_ms": float(steady[1])}))
     return out
 
 
