@@ -358,8 +358,7 @@ def autoscale(store: ModelStore, workdir: Path, model: str = "diffusion", *,
     m = config.models[model]
     m.autoscaling_config = {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1,
                             "target_ongoing_requests": 8, "upscale_delay_s": 2,
-                            "downscale_delay_s": 5, "look_back_period_s": 2,
-                            "metrics_interval_s": 0.5}
+                            "downscale_delay_s": 5, "look_back_period_s": 2}
     operations.deploy(config, store)
     gw = GatewayProcess(app, gcs_address(), workdir / f"{app}-gw.log")
     timeline: list[tuple[float, int]] = []
