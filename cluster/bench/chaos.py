@@ -5,7 +5,8 @@
 
 Each fault runs against a fresh Serve application on one local Ray cluster (started here,
 4 logical CPUs), behind gateways in their own processes (``genfleet gateway``), under
-steady seeded load from client threads that speak plain gRPC. A call's answer is compared
+steady seeded load from client threads (``GenfleetClient`` with retries off, i.e. a client
+with no retry logic, unless a fault says otherwise). A call's answer is compared
 with the reference answer for its seed, taken before the fault: a call counts as failed
 when it errs or differs. The table gives, per fault: calls, failed, the p99 latency of the
 calls that ran during recovery (from the fault until throughput was back), and the time
@@ -37,8 +38,6 @@ import grpc
 import numpy as np
 
 from services.core.store import ModelStore
-from services.gateway.pb.genfleet.v1 import generation_pb2 as pb
-from services.gateway.pb.genfleet.v1 import generation_pb2_grpc as pb_grpc
 from services.serving.ray_cluster import descendants
 
 OUT = Path(".docs/bench")
@@ -124,22 +123,22 @@ class Record:
 Call = Callable[[int], bytes]  # seed -> the answer's bytes (raises grpc.RpcError)
 
 
-def generate_call(stub: pb_grpc.GenerationServiceStub, model: str, n: int,
-                  options: dict[str, Any] | None = None, timeout_s: float = 60.0) -> Call:
-    """A plain gRPC Generate of ``n`` samples of ``model`` with the given seed."""
-    opts = {k: pb.OptionValue(number=v) for k, v in (options or {}).items()}
+def clients(stack: contextlib.ExitStack, target: str, n: int, *, retries: int = 0,
+            timeout_s: float = 60.0) -> list[Any]:
+    """``n`` ``GenfleetClient``s on ``target``, each with its own channel, closed with
+    ``stack``. ``retries=0``: a client with no retry logic, as a plain gRPC client (a
+    target naming several gateways is spread over them round-robin either way)."""
+    from services.gateway.client import GenfleetClient
 
+    return [stack.enter_context(GenfleetClient(target, retries=retries, timeout=timeout_s))
+            for _ in range(n)]
+
+
+def generate_call(client: Any, model: str, n: int, options: dict[str, Any] | None = None
+                  ) -> Call:
+    """Generate of ``n`` samples of ``model`` for a seed -> the samples' bytes."""
     def call(seed: int) -> bytes:
-        resp = stub.Generate(pb.GenerateRequest(model=model, num_samples=n, seed=seed,
-                                                options=opts), timeout=timeout_s)
-        return bytes(resp.samples.data)
-    return call
-
-
-def _client_call(client: Any, model: str, n: int) -> Call:
-    """A ``GenfleetClient`` Generate (retries on UNAVAILABLE) as a ``Call``."""
-    def call(seed: int) -> bytes:
-        samples = client.generate(model, n, seed=seed).samples
+        samples = client.generate(model, n, seed=seed, options=options).samples
         return b"" if samples is None else bytes(samples.tobytes())
     return call
 
@@ -284,16 +283,15 @@ def application(store: ModelStore, app: str, model: str, workdir: Path, gateways
 
 # --------------------------------------------------------------------- faults
 def replica_kill(store: ModelStore, workdir: Path, model: str, *, replicas: int = 1,
-                 clients: int = 8, n: int = 4, options: dict[str, Any] | None = None,
+                 count: int = 8, n: int = 4, options: dict[str, Any] | None = None,
                  before_s: float = 5.0, after_s: float = 20.0) -> Result:
-    """SIGKILL one replica of ``model`` under load from ``clients`` plain gRPC clients
-    (no retry logic) through one gateway."""
+    """SIGKILL one replica of ``model`` under load from ``count`` clients with no retry
+    logic, through one gateway."""
     app = f"chaos-{model}-{replicas}"
     with application(store, app, model, workdir, replicas=replicas) as (gw,), \
-            grpc.insecure_channel(gw.target) as channel:
-        stub = pb_grpc.GenerationServiceStub(channel)
-        calls = [generate_call(stub, model, n, options) for _ in range(clients)]
-        refs = references(calls[0], clients * 4)
+            contextlib.ExitStack() as stack:
+        calls = [generate_call(c, model, n, options) for c in clients(stack, gw.target, count)]
+        refs = references(calls[0], count * 4)
         with Load(calls, refs, 4) as load:
             time.sleep(before_s)
             victim = replica_pids(app, model)[0]
@@ -306,13 +304,11 @@ def replica_kill(store: ModelStore, workdir: Path, model: str, *, replicas: int 
                          f"{replicas} replica(s); killed pid {victim}, replaced: {bool(back)}")
 
 
-def gateway_kill(store: ModelStore, workdir: Path, model: str = "gan", *, clients: int = 8,
+def gateway_kill(store: ModelStore, workdir: Path, model: str = "gan", *, count: int = 8,
                  n: int = 4, before_s: float = 5.0, after_s: float = 10.0) -> list[Result]:
     """Two gateways; ``GenfleetClient`` spreads calls over both (round-robin) and retries
-    on UNAVAILABLE; SIGKILL one gateway. Also: the same with plain gRPC clients on the
-    same round-robin channel but no retries, to state their failure mode."""
-    from services.gateway.client import GenfleetClient
-
+    on UNAVAILABLE; SIGKILL one gateway. Also: the same with clients that do not retry
+    (round-robin too), to state their failure mode."""
     app = f"chaos-gw-{model}"
     out = []
     with application(store, app, model, workdir, gateways=3) as gateways:
@@ -320,16 +316,9 @@ def gateway_kill(store: ModelStore, workdir: Path, model: str = "gan", *, client
             pair = gateways[:2] if retrying else [gateways[0], gateways[2]]
             target = "ipv4:" + ",".join(g.target for g in pair)
             with contextlib.ExitStack() as stack:
-                if retrying:
-                    clients_ = [stack.enter_context(GenfleetClient(target, timeout=60))
-                                for _ in range(clients)]
-                    calls: list[Call] = [_client_call(c, model, n) for c in clients_]
-                else:
-                    channel = stack.enter_context(grpc.insecure_channel(
-                        target, options=[("grpc.lb_policy_name", "round_robin")]))
-                    stub = pb_grpc.GenerationServiceStub(channel)
-                    calls = [generate_call(stub, model, n) for _ in range(clients)]
-                refs = references(calls[0], clients * 4)
+                calls = [generate_call(c, model, n) for c in
+                         clients(stack, target, count, retries=4 if retrying else 0)]
+                refs = references(calls[0], count * 4)
                 with Load(calls, refs, 4) as load:
                     time.sleep(before_s)
                     victim = pair[1]
@@ -343,7 +332,7 @@ def gateway_kill(store: ModelStore, workdir: Path, model: str = "gan", *, client
 
 
 def autoscale(store: ModelStore, workdir: Path, model: str = "diffusion", *,
-              clients: int = 24, quiet_clients: int = 2, n: int = 2,
+              count: int = 24, quiet: int = 2, n: int = 2,
               timeout_s: float = 240.0) -> Result:
     """min 1, max 2 replicas, scaled on requests: heavy load must add the second replica,
     light load afterwards must remove it, with no failed call while it drains."""
@@ -358,7 +347,9 @@ def autoscale(store: ModelStore, workdir: Path, model: str = "diffusion", *,
     m = config.models[model]
     m.autoscaling_config = {"min_replicas": 1, "max_replicas": 2, "initial_replicas": 1,
                             "target_ongoing_requests": 8, "upscale_delay_s": 2,
-                            "downscale_delay_s": 5, "look_back_period_s": 2}
+                            "downscale_delay_s": 5,
+                            # > Serve's metrics push interval (10 s), as Serve requires
+                            "look_back_period_s": 12}
     operations.deploy(config, store)
     gw = GatewayProcess(app, gcs_address(), workdir / f"{app}-gw.log")
     timeline: list[tuple[float, int]] = []
@@ -368,24 +359,23 @@ def autoscale(store: ModelStore, workdir: Path, model: str = "diffusion", *,
         return int(sum(k for s, k in dep.replica_states.items() if str(s).endswith("RUNNING")))
 
     try:
-        with grpc.insecure_channel(gw.target) as channel:
-            stub = pb_grpc.GenerationServiceStub(channel)
-            calls = [generate_call(stub, model, n) for _ in range(clients)]
-            refs = references(calls[0], clients * 4)
+        with contextlib.ExitStack() as stack:
+            calls = [generate_call(c, model, n) for c in clients(stack, gw.target, count)]
+            refs = references(calls[0], count * 4)
             started = time.monotonic()
             with Load(calls, refs, 4) as heavy:
                 up = wait_for(lambda: replicas() == 2, timeout_s, "scale-up to 2 replicas")
                 timeline.append((time.monotonic() - started, 2))
             fault_at = time.monotonic()  # load drops: the second replica must go
-            with Load(calls[:quiet_clients], refs, 4) as light:
+            with Load(calls[:quiet], refs, 4) as light:
                 wait_for(lambda: replicas() == 1, timeout_s, "scale-down to 1 replica")
                 timeline.append((time.monotonic() - started, 1))
                 time.sleep(3.0)
         records = heavy.records + light.records
         result = summarize(f"autoscale-{model}", records, fault_at,
-                           f"1->2 after {timeline[0][0]:.0f} s of {clients} clients, "
+                           f"1->2 after {timeline[0][0]:.0f} s of {count} clients, "
                            f"2->1 {timeline[1][0] - timeline[0][0]:.0f} s after load fell "
-                           f"to {quiet_clients}")
+                           f"to {quiet}")
         result.recover_s = float("nan")
         result.extra = {"scaled_up": float(bool(up)), "up_s": timeline[0][0],
                         "down_s": timeline[1][0] - timeline[0][0]}
@@ -441,7 +431,7 @@ def batch_actor_kill(store: ModelStore, workdir: Path, *, samples: int = 600,
                         f"{count} samples, byte-identical to an uninterrupted run: {same}")
 
 
-def head_kill(store_root: Path, workdir: Path, model: str = "gan", *, clients: int = 4,
+def head_kill(store_root: Path, workdir: Path, model: str = "gan", *, count: int = 4,
               before_s: float = 3.0, timeout_s: float = 60.0) -> Result:
     """``genfleet up`` (its own embedded cluster), load; SIGKILL its GCS. The gateway must
     report NOT_SERVING within seconds, calls fail fast with UNAVAILABLE, and ``genfleet
@@ -461,10 +451,10 @@ def head_kill(store_root: Path, workdir: Path, model: str = "gan", *, clients: i
                 raise RuntimeError(f"genfleet up exited: {log_path.read_text()[-2000:]}")
             return json.loads(state_file.read_text()) if state_file.exists() else None
         target = wait_for(state, 300, "genfleet up")["target"]
-        with grpc.insecure_channel(target) as channel:
-            stub = pb_grpc.GenerationServiceStub(channel)
-            calls = [generate_call(stub, model, 1, timeout_s=30) for _ in range(clients)]
-            refs = references(calls[0], clients * 4)
+        with contextlib.ExitStack() as stack:
+            calls = [generate_call(c, model, 1)
+                     for c in clients(stack, target, count, timeout_s=30)]
+            refs = references(calls[0], count * 4)
             with Load(calls, refs, 4) as load:
                 time.sleep(before_s)
                 gcs = find_processes(r"/gcs_server\b", proc.pid)

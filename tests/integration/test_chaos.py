@@ -57,7 +57,7 @@ def test_a_killed_gateway_costs_a_retrying_client_no_call(ray_cluster: None, sto
 
 def test_autoscaling_counts_requests_and_drains_without_failures(
         ray_cluster: None, store: ModelStore, workdir: Path) -> None:
-    r = chaos.autoscale(store, workdir, clients=16, timeout_s=120)
+    r = chaos.autoscale(store, workdir, count=16, timeout_s=120)
     print(r.row())
     assert r.extra["scaled_up"] == 1.0, r  # 16 clients coalesced were ~1 handle call
     assert r.failed == 0, r.codes  # nothing lost while the second replica drained
@@ -72,7 +72,7 @@ def test_a_killed_batch_actor_leaves_the_dataset_exact(ray_cluster: None, store:
 
 
 def test_a_dead_ray_head_stops_genfleet_up_at_once(store: ModelStore, workdir: Path) -> None:
-    r = chaos.head_kill(store.root, workdir, clients=4)
+    r = chaos.head_kill(store.root, workdir, count=4)
     print(r.row())
     assert r.extra["exit_code"] == 1.0, r.notes
     assert r.extra["exit_s"] < 5.0, r.notes  # NOT_SERVING, stopped and gone within seconds

@@ -277,3 +277,36 @@ def test_a_rollout_to_a_broken_version_is_refused_and_replicas_keep_serving(
         server.load(2)
     assert server.version == 1  # the old version is still the one served
     assert ReplicaEngine(root, "gan", device="cpu").version == 1  # latest intact
+
+
+def test_a_lost_cluster_fails_calls_in_flight_and_new_ones_at_once(store_root: Path) -> None:
+    """``Gateway.lose`` (what ``genfleet up`` calls when its Ray head dies): NOT_SERVING, the
+    call held in flight and every new call end with UNAVAILABLE naming the cause, long
+    before their deadlines."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    thread = GatewayThread(lambda: HeldBackend(store_root, ["gan"], device="cpu"),
+                           GatewayConfig(host="127.0.0.1", port=0))
+    backend: HeldBackend = thread.gateway.backend  # type: ignore[assignment]
+    try:
+        with grpc.insecure_channel(thread.target) as channel:
+            stub = pb_grpc.GenerationServiceStub(channel)
+            held = stub.Generate.future(pb.GenerateRequest(model="gan", num_samples=1,
+                                                           seed=4242), timeout=60)
+            assert backend.entered.wait(10)
+            started = time.monotonic()
+            thread.run(thread.gateway.lose("the Ray head's GCS exited (test)"))
+            with pytest.raises(grpc.RpcError) as info:
+                held.result(timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "the Ray head's GCS exited (test)" in (info.value.details() or "")
+            assert time.monotonic() - started < 2.0
+            new = _status(lambda: stub.Generate(pb.GenerateRequest(model="gan", num_samples=1),
+                                                timeout=60))
+            assert new.code() == grpc.StatusCode.UNAVAILABLE
+            health = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=5)
+            assert health.status == health_pb2.HealthCheckResponse.NOT_SERVING
+    finally:
+        backend.release.set()
+        thread.stop()
