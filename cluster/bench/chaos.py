@@ -325,7 +325,7 @@ def gateway_kill(store: ModelStore, workdir: Path, model: str = "gan", *, count:
                     victim.kill()
                     fault_at = time.monotonic()
                     time.sleep(after_s)
-            kind = "GenfleetClient (retries)" if retrying else "plain gRPC, no retries"
+            kind = "GenfleetClient (retries)" if retrying else "a client without retries"
             out.append(summarize(f"gateway-{'client' if retrying else 'plain'}", load.records,
                                  fault_at, f"2 gateways, round-robin, {kind}"))
     return out

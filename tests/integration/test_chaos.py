@@ -39,7 +39,7 @@ def test_a_killed_replica_costs_no_call(ray_cluster: None, store: ModelStore, wo
     print(r.row())
     assert r.failed == 0, r.codes  # no error and every answer byte-identical
     assert r.calls > 50
-    assert r.recover_s < 30.0  # a new replica started, loaded, warmed and served
+    assert r.recover_s < 45.0  # a new replica started, loaded, warmed and served
     if replicas == 2:  # the survivor carries on: throughput back within seconds
         assert r.recover_s < 5.0, r
 
