@@ -147,7 +147,8 @@ def require_tool(name: str, install: str) -> str:
 def genfleet_up(base: Path, *flags: str, timeout_s: float = 300.0) -> Iterator[dict[str, Any]]:
     """`genfleet up` on the store ``base/store`` in its own process group, with ``flags``;
     yields its up.json (plus "log": its output file) once it serves; SIGTERM at the end
-    (SIGKILL to its group if it does not stop within a minute)."""
+    (SIGKILL to its group if it does not stop within a minute), after which it must have
+    exited 0 without a traceback."""
     exe = Path(sys.executable).parent / "genfleet"
     log_path = base / "up.log"
     with log_path.open("w") as log:
@@ -165,6 +166,11 @@ def genfleet_up(base: Path, *flags: str, timeout_s: float = 300.0) -> Iterator[d
         finally:
             proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(60)
+                code: int | None = proc.wait(60)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
+                code = None
+    # reached only when the caller's block succeeded: an orderly stop is clean too
+    text = log_path.read_text()
+    assert code == 0 and "Traceback" not in text, f"genfleet up did not stop cleanly " \
+        f"(exit {code}):\n{text[-3000:]}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -123,14 +124,17 @@ def security_note(gateway: Any) -> str:
 
 async def serve_until_signal(gateway: Any, grace: float,
                              announce: Callable[[int], Awaitable[None]],
-                             watch: Callable[[Callable[[str], None]], Any] | None = None
+                             watch: Callable[[Callable[[str], None]],
+                                             Callable[[], None] | None] | None = None
                              ) -> str | None:
     """Start ``gateway``, ``announce(port)``, serve until SIGINT or SIGTERM, then report
     NOT_SERVING and let the calls in flight finish (``grace`` seconds).
 
-    ``watch(lost)``: starts watching what the gateway depends on and calls ``lost(reason)``
-    (from any thread) when it is gone; the gateway then stops at once (new calls:
-    UNAVAILABLE) and the reason is returned. Returns None after a signal.
+    ``watch(lost)``: starts watching what the gateway depends on, calls ``lost(reason)``
+    (from any thread) when it is gone, and returns the function that stops the watch
+    (called before an orderly shutdown). When ``lost`` is called the gateway stops at
+    once (calls in flight and new ones: UNAVAILABLE) and the reason is returned. Returns
+    None after a signal.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -140,12 +144,16 @@ async def serve_until_signal(gateway: Any, grace: float,
 
     def lost(reason: str) -> None:
         reasons.append(reason)
-        loop.call_soon_threadsafe(stop.set)
+        with contextlib.suppress(RuntimeError):  # the loop has closed: shutting down anyway
+            loop.call_soon_threadsafe(stop.set)
 
-    if watch is not None:
-        watch(lost)
-    await announce(await gateway.start())
-    await stop.wait()
+    unwatch = watch(lost) if watch is not None else None
+    try:
+        await announce(await gateway.start())
+        await stop.wait()
+    finally:
+        if unwatch is not None:
+            unwatch()  # an orderly shutdown stops the head next: that is no loss
     if reasons:
         await gateway.lose(reasons[0])  # NOT_SERVING; calls in flight: UNAVAILABLE now
         await gateway.stop(grace=min(grace, 1.0))

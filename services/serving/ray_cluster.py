@@ -14,7 +14,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -124,10 +123,12 @@ def connect(address: str | None = None) -> None:
         raise ModelNotReady(f"no Ray cluster at {address or 'auto'}: run genfleet up") from exc
 
 
-def watch_head(on_lost: Callable[[str], None], period_s: float = 0.5) -> bool:
+def watch_head(on_lost: Callable[[str], None], period_s: float = 0.5
+               ) -> Callable[[], None] | None:
     """Call ``on_lost(reason)`` once, from a daemon thread, when a process of the embedded
-    head (its GCS or raylet) exits. Returns False (nothing to watch) when this process
-    did not start the cluster."""
+    head (its GCS or raylet) exits. Returns the function that stops watching (call it
+    before an orderly shutdown stops the head), or None when this process did not start
+    the cluster (nothing to watch)."""
     from ray._private import ray_constants
     from ray._private.worker import global_worker
 
@@ -138,20 +139,21 @@ def watch_head(on_lost: Callable[[str], None], period_s: float = 0.5) -> bool:
                for info in (node.all_processes.get(kind, []) if node is not None else [])
                if info.process is not None]
     if not watched:
-        return False
+        return None
+    done = threading.Event()
 
     def poll() -> None:
-        while True:
+        while not done.wait(period_s):
             for name, process in watched:
                 code = process.poll()
                 if code is not None:
                     how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                    done.set()
                     on_lost(f"the Ray head's {name} exited ({how})")
                     return
-            time.sleep(period_s)
 
     threading.Thread(target=poll, name="ray-head-watch", daemon=True).start()
-    return True
+    return done.set
 
 
 def abandon_cluster() -> None:

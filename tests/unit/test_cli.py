@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -69,3 +70,68 @@ def test_user_errors_exit_2_with_a_clear_message(
     assert "no model named 'missing'" in capsys.readouterr().err
     assert main(["--store", store, "train", "vae", "--local", "--set", "bogus=1"]) == 2
     assert "unknown keys ['bogus']" in capsys.readouterr().err
+
+
+class _FakeGateway:
+    """What ``serve_until_signal`` drives, recording what it was asked to do."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    async def start(self) -> int:
+        self.calls.append("start")
+        return 1234
+
+    async def lose(self, reason: str) -> None:
+        self.calls.append(f"lose: {reason}")
+
+    async def stop(self, grace: float) -> None:
+        self.calls.append(f"stop {grace}")
+
+
+def test_serve_until_signal_stops_at_once_when_what_it_serves_from_is_lost() -> None:
+    import asyncio
+    import threading
+
+    from cluster.cli.common import serve_until_signal
+
+    gateway = _FakeGateway()
+
+    def watch(lost: Callable[[str], None]) -> Callable[[], None]:
+        threading.Timer(0.05, lost, args=("the head died",)).start()  # from another thread
+        return lambda: None
+
+    async def announce(port: int) -> None:
+        assert port == 1234
+
+    reason = asyncio.run(serve_until_signal(gateway, 10.0, announce, watch))
+    assert reason == "the head died"
+    assert gateway.calls == ["start", "lose: the head died", "stop 1.0"]
+
+
+def test_an_orderly_shutdown_stops_the_watch_before_the_head_goes() -> None:
+    """SIGTERM: the watch is stopped first, so the head stopping afterwards is no 'loss'
+    (it used to raise 'Event loop is closed' in the watch thread after ``genfleet down``)."""
+    import asyncio
+    import os
+    import signal
+
+    from cluster.cli.common import serve_until_signal
+
+    gateway = _FakeGateway()
+    state: dict[str, object] = {}
+
+    def watch(lost: Callable[[str], None]) -> Callable[[], None]:
+        state["lost"] = lost
+
+        def unwatch() -> None:
+            state["unwatched"] = True
+        return unwatch
+
+    async def announce(port: int) -> None:
+        asyncio.get_running_loop().call_later(0.05, os.kill, os.getpid(), signal.SIGTERM)
+
+    assert asyncio.run(serve_until_signal(gateway, 3.0, announce, watch)) is None
+    assert state.get("unwatched") is True
+    assert gateway.calls == ["start", "stop 3.0"]
+    state["lost"]("the head stopped after the loop closed")  # type: ignore[operator]
