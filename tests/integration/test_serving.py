@@ -5,6 +5,7 @@ batching, backpressure, cancellation, rollout under load, scaling."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from collections.abc import Iterator
@@ -195,67 +196,63 @@ def test_a_hostile_request_fails_alone_beside_bystanders(gateway: GatewayThread,
         assert client.health() == "SERVING"
 
 
-def test_backpressure_is_resource_exhausted(ray_cluster: None, app: ModelStore) -> None:
+@contextlib.contextmanager
+def _ebm_app(store: ModelStore, app_name: str, ongoing: int, queued: int,
+             batching: dict[str, float]) -> Iterator[GenfleetClient]:
+    """One EBM replica with these admission limits and batching, behind its own gateway;
+    a client without retries."""
     config = load_config(models=["ebm"])
-    config.app_name = "genfleet-backpressure"
+    config.app_name = app_name
     m = config.models["ebm"]
     m.autoscaling_config = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
-    m.max_ongoing_requests, m.max_queued_requests = 1, 1
-    m.batching = {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}
-    operations.deploy(config, app)
-    thread = GatewayThread(lambda: ServeBackend("genfleet-backpressure"),
+    m.max_ongoing_requests, m.max_queued_requests = ongoing, queued
+    m.batching = batching
+    operations.deploy(config, store)
+    thread = GatewayThread(lambda: ServeBackend(app_name),
                            GatewayConfig(host="127.0.0.1", port=0))
     try:
         with GenfleetClient(thread.target, retries=0) as client:
-            def call(_: int) -> str:
-                try:
-                    client.generate("ebm", 32, options={"steps": 200})
-                    return "OK"
-                except grpc.RpcError as exc:
-                    return str(exc.code().name)  # type: ignore[attr-defined]
-            with ThreadPoolExecutor(8) as pool:
-                codes = list(pool.map(call, range(8)))
-            assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes, codes
-            assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
-            assert client.health() == "SERVING"
+            yield client
     finally:
         thread.stop()
-        serve.delete("genfleet-backpressure")
+        serve.delete(app_name)
+
+
+def _codes(client: GenfleetClient, callers: int, samples: int) -> list[str]:
+    """``callers`` slow EBM Generates released together -> their status codes."""
+    barrier = threading.Barrier(callers)
+
+    def call(_: int) -> str:
+        barrier.wait()
+        try:
+            client.generate("ebm", samples, options={"steps": 200})
+            return "OK"
+        except grpc.RpcError as exc:
+            return str(exc.code().name)  # type: ignore[attr-defined]
+    with ThreadPoolExecutor(callers) as pool:
+        return list(pool.map(call, range(callers)))
+
+
+def test_backpressure_is_resource_exhausted(ray_cluster: None, app: ModelStore) -> None:
+    with _ebm_app(app, "genfleet-backpressure", 1, 1,
+                  {"max_batch_size": 1, "batch_wait_timeout_s": 0.0}) as client:
+        codes = _codes(client, 8, 32)
+        assert "RESOURCE_EXHAUSTED" in codes and "OK" in codes, codes
+        assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+        assert client.health() == "SERVING"
 
 
 def test_backpressure_counts_requests_not_coalesced_groups(ray_cluster: None,
                                                           app: ModelStore) -> None:
     """max_ongoing_requests 4 + max_queued_requests 4 on one replica admit 8 requests,
     although all 32 callers below would fit in one coalesced group (one handle call)."""
-    config = load_config(models=["ebm"])
-    config.app_name = "genfleet-admission"
-    m = config.models["ebm"]
-    m.autoscaling_config = {"min_replicas": 1, "max_replicas": 1, "initial_replicas": 1}
-    m.max_ongoing_requests, m.max_queued_requests = 4, 4
-    m.batching = {"max_batch_size": 32, "batch_wait_timeout_s": 0.2}
-    operations.deploy(config, app)
-    thread = GatewayThread(lambda: ServeBackend("genfleet-admission"),
-                           GatewayConfig(host="127.0.0.1", port=0))
-    try:
-        with GenfleetClient(thread.target, retries=0) as client:
-            client.generate("ebm", 1)  # settings and replica count known before the burst
-            barrier = threading.Barrier(32)
-
-            def call(_: int) -> str:
-                barrier.wait()
-                try:
-                    client.generate("ebm", 4, options={"steps": 200})
-                    return "OK"
-                except grpc.RpcError as exc:
-                    return str(exc.code().name)  # type: ignore[attr-defined]
-            with ThreadPoolExecutor(32) as pool:
-                codes = list(pool.map(call, range(32)))
-            assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
-            assert codes.count("OK") >= 8, codes
-            assert codes.count("RESOURCE_EXHAUSTED") >= 16, codes
-    finally:
-        thread.stop()
-        serve.delete("genfleet-admission")
+    with _ebm_app(app, "genfleet-admission", 4, 4,
+                  {"max_batch_size": 32, "batch_wait_timeout_s": 0.2}) as client:
+        client.generate("ebm", 1)  # settings and replica count known before the burst
+        codes = _codes(client, 32, 4)
+        assert set(codes) <= {"OK", "RESOURCE_EXHAUSTED"}, codes
+        assert codes.count("OK") >= 8, codes
+        assert codes.count("RESOURCE_EXHAUSTED") >= 16, codes
 
 
 # ----------------------------------------------------------------- operations
