@@ -1,18 +1,40 @@
-"""``genfleet bench``: closed-loop gRPC load against a running gateway; ``--raw`` adds
-the same model in this process (``cluster.bench.load``)."""
+"""``genfleet bench``: the fast-path table against a running gateway
+(``cluster.bench.fastpath``: served vs a bare grpc.aio server, diffusion vs raw, gateway vs
+a direct replica call); ``genfleet bench MODEL``: closed-loop load on one model, ``--raw``
+adds the same model in this process (``cluster.bench.load``)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
 from cluster.cli.common import client_args, open_store, parse_sets
 
 
+def cmd_fastpath(args: argparse.Namespace) -> int:
+    from cluster.bench import fastpath
+    from cluster.cli.common import run_dir
+
+    store = open_store(args)
+    local = (run_dir(store) / "up.json").exists()  # genfleet up runs here, on this store
+    ns = argparse.Namespace(
+        target=args.target, token=args.token or os.environ.get("GENFLEET_TOKEN"),
+        models=args.models, concurrency=args.callers, duration=args.duration,
+        rounds=args.rounds, threads=args.threads,
+        store=str(store.root) if local and not args.no_raw else None,
+        address="auto" if local and not args.no_direct else None,
+        out=args.json or ".docs/bench/fastpath.json")
+    return fastpath.run(ns)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from cluster.bench.load import format_report, run_grpc_load, run_raw
+
+    if args.model is None:
+        return cmd_fastpath(args)
 
     options = parse_sets(args.set)
     report: dict[str, Any] = {"model": args.model, "concurrency": args.concurrency,
@@ -36,10 +58,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    p = sub.add_parser("bench", help="closed-loop gRPC load; --raw adds the in-process model")
-    p.add_argument("model")
-    p.add_argument("--concurrency", type=int, default=16)
-    p.add_argument("--duration", type=float, default=20.0)
+    p = sub.add_parser("bench", help="the fast-path table against the running gateway; with "
+                                     "MODEL: closed-loop load on that model")
+    p.add_argument("model", nargs="?", default=None,
+                   help="one model under closed-loop load (default: the fast-path table)")
+    p.add_argument("--concurrency", type=int, default=16, help="clients (with MODEL)")
+    p.add_argument("--duration", type=float, default=8.0, help="seconds per measurement")
+    p.add_argument("--models", nargs="+", default=["gan", "vae", "flow"],
+                   help="fast path: models compared with the bare server")
+    p.add_argument("--callers", nargs="+", type=int, default=[16, 32],
+                   help="fast path: concurrent callers per measurement")
+    p.add_argument("--rounds", type=int, default=3, help="fast path: alternating served/bare pairs")
+    p.add_argument("--threads", type=int, default=1,
+                   help="fast path: torch threads of the raw diffusion run (the replicas')")
+    p.add_argument("--no-raw", action="store_true",
+                   help="fast path: skip diffusion vs the raw model (needs the served store)")
+    p.add_argument("--no-direct", action="store_true",
+                   help="fast path: skip the gateway vs direct replica call (joins Ray)")
     p.add_argument("--warmup", type=float, default=2.0)
     p.add_argument("--samples", type=int, default=1, help="samples per request")
     p.add_argument("--set", action="append", default=[], metavar="OPTION=VALUE")

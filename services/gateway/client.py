@@ -39,6 +39,13 @@ T = TypeVar("T")
 PUSHBACK = "grpc-retry-pushback-ms"
 
 
+def generation_protocol() -> tuple[Any, Any]:
+    """The generated ``genfleet.v1`` message module and ``GenerationServiceStub`` class,
+    for callers that want the bare protocol and nothing of this client (benchmarks,
+    grpc.aio callers): ``pb, Stub = generation_protocol()``."""
+    return pb, pb_grpc.GenerationServiceStub
+
+
 def retry_delay(exc: grpc.RpcError) -> float | None:
     """Seconds the server asks to wait before a retry; None: do not retry.
 

@@ -6,7 +6,10 @@ report. ``build_app`` turns a ``ServeConfig`` with pinned versions into that app
 
 from __future__ import annotations
 
+import hashlib
+import json
 import time
+from pathlib import Path
 from typing import Any, cast
 
 from ray import serve
@@ -14,6 +17,8 @@ from ray import serve
 from services.core.store import ModelStore
 from services.serving.config import ServeConfig
 from services.serving.deployment import ModelDeployment
+
+Lanes = dict[str, list[dict[str, Any]]]  # model -> its replicas' lanes (LaneAddress dicts)
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0})
@@ -25,12 +30,34 @@ class Directory:
         self._names = sorted(models)
         self._stale_s = stale_s
         self._loads: dict[tuple[str, str], tuple[float, dict[str, int]]] = {}
+        self._lanes: dict[tuple[str, str], dict[str, Any]] = {}  # (model, replica) -> lane
 
     async def list(self) -> list[str]:
         return self._names
 
-    async def report_load(self, model: str, replica: str, load: dict[str, int]) -> None:
+    async def report_load(self, model: str, replica: str, load: dict[str, int],
+                          lane: dict[str, Any] | None = None) -> None:
         self._loads[(model, replica)] = (time.monotonic(), load)
+        if lane is not None:
+            self._lanes[(model, replica)] = lane
+
+    async def leave(self, model: str, replica: str) -> None:
+        """A replica that is stopping: its lane is no longer handed out."""
+        self._lanes.pop((model, replica), None)
+        self._loads.pop((model, replica), None)
+
+    async def lanes(self) -> Lanes:
+        """Per model: the lanes (``services.serving.lane``) of the replicas that reported
+        in the last ``stale_s`` seconds."""
+        now = time.monotonic()
+        out: Lanes = {}
+        for key, lane in [*self._lanes.items()]:
+            seen = self._loads.get(key)
+            if seen is None or now - seen[0] > self._stale_s:
+                del self._lanes[key]
+                continue
+            out.setdefault(key[0], []).append(lane)
+        return out
 
     async def load(self) -> dict[str, dict[str, int]]:
         """Per model: requests queued and running summed over the replicas that reported
@@ -60,10 +87,34 @@ def pin_versions(config: ServeConfig, store: ModelStore) -> ServeConfig:
     return config
 
 
+def code_version(*parts: Any) -> str:
+    """A Serve deployment code version: this package's code and ``parts`` (the replica's
+    constructor arguments).
+
+    ``serve.run`` gives a deployment without one a random version (Ray 2.60,
+    ``serve/_private/client.py``), so every ``scale``, ``rollout`` or ``deploy`` replaced
+    every replica of every model, all at once (a minute of model loading on two cores).
+    With a version that changes only with the code or the constructor arguments, a change
+    of ``user_config`` (checkpoint version, batching, admission) reconfigures the live
+    replicas in place and an autoscaling change adds or removes replicas. Ray 2.60 refuses
+    ``.options(version=...)`` but still honours the attribute it kept (``_version``);
+    ``tests/integration/test_serving.py`` checks that a rollout keeps its replicas, so a
+    Ray that stops honouring it fails there."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parents[1]  # services/
+    for path in sorted(root.rglob("*.py")):
+        digest.update(path.relative_to(root).as_posix().encode())
+        digest.update(path.read_bytes())
+    digest.update(json.dumps(parts, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:16]
+
+
 def build_app(config: ServeConfig, store: ModelStore) -> serve.Application:
     """The Serve application for ``config`` (versions must be pinned)."""
     bound: dict[str, Any] = {}
     for m in config.models.values():
+        kwargs = {"device": m.device, "autocast": m.autocast, "threads": m.threads,
+                  "limits": dict(m.limits), "warmup": m.warmup, "lane": m.lane}
         deployment = cast(Any, ModelDeployment).options(
             name=m.name,
             max_ongoing_requests=m.max_ongoing_requests,
@@ -72,8 +123,9 @@ def build_app(config: ServeConfig, store: ModelStore) -> serve.Application:
             ray_actor_options=m.ray_actor_options,
             user_config=m.user_config(),
         )
-        bound[m.name] = deployment.bind(
-            m.name, str(store.root), device=m.device, autocast=m.autocast, threads=m.threads,
-            limits=dict(m.limits), warmup=m.warmup)
-    app: serve.Application = cast(Any, Directory).bind(bound)
+        deployment._version = code_version(m.name, str(store.root), kwargs)
+        bound[m.name] = deployment.bind(m.name, str(store.root), **kwargs)
+    directory = cast(Any, Directory).options()
+    directory._version = code_version(sorted(bound))
+    app: serve.Application = directory.bind(bound)
     return app

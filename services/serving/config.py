@@ -24,7 +24,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "cluster" / "configs" / "
 
 _MODEL_KEYS = {"device", "autocast", "threads", "limits", "max_ongoing_requests",
                "max_queued_requests", "autoscaling_config", "ray_actor_options", "batching",
-               "version", "warmup"}
+               "version", "warmup", "lane"}
 _LIMIT_KEYS = {f.name for f in dataclasses.fields(Limits)}
 
 
@@ -46,6 +46,7 @@ class ModelServeConfig:
         "max_batch_size": 32, "batch_wait_timeout_s": 0.005})
     version: int | None = None  # None: the latest in the store when deployed
     warmup: bool = True  # run a synthetic batch before a replica (or a rollout) serves
+    lane: bool = True  # gateways send Generate groups straight to replicas (serving/lane.py)
 
     def validate(self) -> None:
         check_name(self.name)

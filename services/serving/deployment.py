@@ -18,6 +18,10 @@
 - Autoscaling counts requests, not handle calls: ``record_autoscaling_stats`` reports the
   requests this replica holds (a coalesced group of 32 counts 32), and
   ``services.serving.autoscaling.requests_policy`` scales on their sum.
+- Each replica also listens on a lane (``services.serving.lane``): gateways send their
+  coalesced Generate groups there, straight to this event loop, instead of through
+  Serve's router (``lane: false`` turns it off). The lane's address goes to the
+  ``Directory`` with the load report; ``__del__`` takes it out and drains it.
 - Every second the replica reports its load (requests waiting for a batch, requests in
   the running batch) to the app's ``Directory``, which ``genfleet status`` reads, and to
   Prometheus (``ReplicaMetrics``: queue and compute time, batch sizes, samples, sampler
@@ -43,6 +47,7 @@ from services.core import api
 from services.core.errors import CheckpointError, GenfleetError, ModelNotReady
 from services.serving.coalesce import MergingRunner
 from services.serving.engine import CancelToken, ReplicaEngine
+from services.serving.lane import LaneServer
 from services.serving.metrics import ReplicaMetrics
 
 log = logging.getLogger("genfleet.serving")
@@ -56,7 +61,8 @@ class ModelDeployment:
 
     def __init__(self, name: str, store_root: str, *, device: str = "auto",
                  autocast: str | None = None, threads: int = 1,
-                 limits: dict[str, int] | None = None, warmup: bool = True) -> None:
+                 limits: dict[str, int] | None = None, warmup: bool = True,
+                 lane: bool = True) -> None:
         torch.set_num_threads(max(1, threads))  # replicas share the node's cores
         self._name = name
         self._store_root = store_root
@@ -72,14 +78,14 @@ class ModelDeployment:
         self._admission = {"max_ongoing_requests": 32, "max_queued_requests": 64}
         self._reporter: asyncio.Task[None] | None = None
         self._metrics: ReplicaMetrics | None = None
+        self._lane_wanted = lane
+        self._lane: LaneServer | None = None
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
         """Apply ``user_config``: ``version`` (None: latest), ``max_batch_size``,
         ``batch_wait_timeout_s``, and the admission limits the gateway enforces in requests
         (``max_ongoing_requests``, ``max_queued_requests``; see ``batch_settings``)."""
         version = config.get("version")
-        if self._reporter is None:
-            self._reporter = asyncio.get_running_loop().create_task(self._report_load())
         if self._engine is None:
             self._engine = await asyncio.to_thread(
                 ReplicaEngine, self._store_root, self._name, version, **self._kwargs)
@@ -94,6 +100,12 @@ class ModelDeployment:
                           self._name, version, self._engine.version, exc)
             else:
                 log.info("%s now serves version %d", self._name, info.version)
+        if self._lane_wanted and self._lane is None:  # advertised once the model is loaded
+            replica = serve.get_replica_context().replica_id.unique_id
+            self._lane = LaneServer(replica, self.generate_batch)
+            await self._lane.start()
+        if self._reporter is None:
+            self._reporter = asyncio.get_running_loop().create_task(self._report_load())
         for key in self._admission:
             if key in config:
                 self._admission[key] = int(config[key])
@@ -133,15 +145,32 @@ class ModelDeployment:
         context = serve.get_replica_context()
         directory = serve.get_app_handle(context.app_name)
         replica = context.replica_id.unique_id
+        lane = None if self._lane is None or self._lane.address is None else \
+            self._lane.address.to_dict()
         while True:
             load = self.load()
             if self._metrics is not None:
                 self._metrics.load(load["queued"], load["running"], self._max_batch_size)
             try:
-                await directory.report_load.remote(self._name, replica, load)
+                await directory.report_load.remote(self._name, replica, load, lane)
             except Exception as exc:  # the directory restarts with the app: try again
                 log.debug("load report failed: %s", exc)
             await asyncio.sleep(period_s)
+
+    async def __del__(self) -> None:
+        """Serve stops this replica (scale-down, redeploy, shutdown): the lane leaves the
+        Directory, then drains (calls in flight finish; new ones get UNAVAILABLE, which a
+        gateway sends to another replica)."""
+        if self._reporter is not None:
+            self._reporter.cancel()
+        if self._lane is not None:
+            try:
+                context = serve.get_replica_context()
+                await asyncio.wait_for(serve.get_app_handle(context.app_name).leave.remote(
+                    self._name, context.replica_id.unique_id), timeout=2.0)
+            except Exception as exc:  # the app is going away as a whole
+                log.debug("lane not withdrawn: %s", exc)
+            await self._lane.close(grace_s=10.0)
 
     async def batch_settings(self) -> dict[str, float]:
         """Dynamic batching (``max_batch_size``, ``batch_wait_timeout_s``) and the admission

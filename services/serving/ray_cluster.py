@@ -42,6 +42,8 @@ def start_cluster(address: str | None = None, *, num_cpus: int | None = None,
     if address:
         ray.init(address=address, logging_level=logging.WARNING, log_to_driver=False)
         return
+    # everything of an embedded cluster is on this machine: replicas' lanes on loopback
+    os.environ.setdefault("GENFLEET_LANE_HOST", "127.0.0.1")
     dashboard: dict[str, Any] = {"include_dashboard": False}
     if dashboard_port is not None:
         dashboard = {"include_dashboard": True, "dashboard_host": "127.0.0.1",

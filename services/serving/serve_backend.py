@@ -16,11 +16,16 @@ failures turned into genfleet's errors (DESIGN.md §4, §7).
   (seeded sampling), so it is retried once, on another replica or the restarted one. A
   call during which a second replica dies is not retried again (a poison request must not
   walk through the fleet): it fails with INTERNAL and a log line naming its request id.
-- Generate requests are coalesced per model (``services.serving.coalesce``) with the
-  deployment's own dynamic-batching settings, read from a replica and cached for
-  ``info_ttl_s``: one Ray call per group instead of one per request. A group that fails
+- Generate requests are coalesced per model (``services.serving.coalesce``): a group is
+  sent when one of the model's slots (two per replica) is free, or when it holds the
+  deployment's ``max_batch_size``: one Ray call per group instead of one per request, and
+  no batching window at low load. A group that fails
   (a replica died holding it, or anything unexpected) is sent again one request at a
   time, each in a forward pass of its own, so that only a request that fails alone fails.
+- What the request path needs from the app (a model's info, its settings, the replica
+  counts) is cached (``Cached``): a value older than ``info_ttl_s`` is still answered at
+  once while one refresh runs in the background, so no request waits on a Ray call for it
+  and a burst does not send one refresh per request.
 """
 
 from __future__ import annotations
@@ -30,9 +35,10 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from typing import Any, cast
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Generic, TypeVar, cast
 
+import grpc
 from ray import serve
 from ray.exceptions import ActorUnavailableError, RayActorError
 from ray.serve.exceptions import (
@@ -53,12 +59,18 @@ from services.core.errors import (
 )
 from services.serving.backend import Backend
 from services.serving.coalesce import Coalescer
+from services.serving.lane import LaneAddress, LaneClient
 
 log = logging.getLogger("genfleet.backend")
 # no replica to take the call right now (not started, restarting, unreachable for a moment)
 _NO_REPLICA = (ActorUnavailableError, DeploymentUnavailableError, ReplicaUnavailableError)
 # these fail every request of a coalesced group alike: no point in retrying one by one
 _GROUP_WIDE = (Overloaded, DeadlineExceeded, Cancelled, ModelNotReady)
+# coalesced groups in flight per replica: one computing, one waiting beside it
+PIPELINE_DEPTH = 2
+# a lane that failed is skipped this long (the Directory forgets a dead replica within 5 s)
+LANE_QUARANTINE_S = 10.0
+V = TypeVar("V")
 
 
 class ReplicaDied(Internal):
@@ -73,6 +85,61 @@ class ReplicaDied(Internal):
                    f"retry; it is not retried again (request id {request_id})")
 
 
+class Cached(Generic[V]):
+    """One value per key, loaded by ``load(key)``: single-flight, stale-while-revalidate.
+
+    A key never loaded (or ``fresh=True``) waits for a load (shared by every caller that
+    asks meanwhile); a value older than ``ttl_s`` is returned at once and refreshed in the
+    background, once. A failed background refresh keeps the old value (and is logged); a
+    failed first load raises to every caller that waited for it."""
+
+    def __init__(self, load: Callable[[str], Awaitable[V]], ttl_s: float) -> None:
+        self._load = load
+        self.ttl_s = ttl_s
+        self._values: dict[str, tuple[float, V]] = {}
+        self._loading: dict[str, asyncio.Future[V]] = {}
+
+    async def get(self, key: str, *, fresh: bool = False) -> V:
+        cached = self._values.get(key)
+        if cached is not None and not fresh:
+            if time.monotonic() - cached[0] >= self.ttl_s and key not in self._loading:
+                self._start(key).add_done_callback(_consume)  # refreshed in the background
+            return cached[1]
+        loading = self._loading.get(key) or self._start(key)
+        return await asyncio.shield(loading)
+
+    def peek(self, key: str) -> V | None:
+        """The value without waiting: None when there is none yet. A missing or stale
+        value is loaded in the background (once)."""
+        cached = self._values.get(key)
+        stale = cached is None or time.monotonic() - cached[0] >= self.ttl_s
+        if stale and key not in self._loading:
+            self._start(key).add_done_callback(_consume)
+        return None if cached is None else cached[1]
+
+    def _start(self, key: str) -> asyncio.Future[V]:
+        async def load() -> V:
+            try:
+                value = await self._load(key)
+                self._values[key] = (time.monotonic(), value)
+                return value
+            finally:
+                self._loading.pop(key, None)
+
+        task = asyncio.get_running_loop().create_task(load())
+        self._loading[key] = task
+        return task
+
+    def forget(self, key: str) -> None:
+        self._values.pop(key, None)
+
+
+def _consume(task: asyncio.Future[Any]) -> None:
+    """A background refresh's outcome: a failure keeps the old value."""
+    if not task.cancelled() and task.exception() is not None:
+        log.debug("background refresh failed: %s", task.exception())
+
+
 class ServeBackend(Backend):
     """Calls the model deployments of the Serve application ``app_name``."""
 
@@ -83,9 +150,13 @@ class ServeBackend(Backend):
         self.info_ttl_s = info_ttl_s
         self._handles: dict[str, DeploymentHandle] = {}
         self._names: list[str] | None = None
-        self._infos: dict[str, tuple[float, api.ModelInfo]] = {}
-        self._settings: dict[str, tuple[float, dict[str, float]]] = {}
-        self._replicas: tuple[float, dict[str, int]] | None = None
+        self._infos: Cached[api.ModelInfo] = Cached(self._load_info, info_ttl_s)
+        self._settings: Cached[dict[str, float]] = Cached(self._load_settings, info_ttl_s)
+        self._replicas: Cached[dict[str, int]] = Cached(self._load_replicas, info_ttl_s)
+        self._lanes: Cached[dict[str, list[LaneAddress]]] = Cached(self._load_lanes, 1.0)
+        self._lane_clients: dict[LaneAddress, LaneClient] = {}
+        self._failed_lanes: dict[LaneAddress, float] = {}  # -> monotonic time it may return
+        self._rotation = 0
         self.inflight: dict[str, int] = {}  # per model: requests admitted, not answered
         self.coalescers: dict[str, Coalescer[api.GenerateRequest, Any]] = {}
 
@@ -107,22 +178,20 @@ class ServeBackend(Backend):
         return self._handles[name]
 
     async def info(self, name: str, *, refresh: bool = False) -> api.ModelInfo:
-        cached = self._infos.get(name)
-        if cached and not refresh and time.monotonic() - cached[0] < self.info_ttl_s:
-            return cached[1]
-        result = await self._call(name, "info", lambda h: h.info.remote(), None)
-        self._infos[name] = (time.monotonic(), result)
-        return result
+        return await self._infos.get(name, fresh=refresh)
+
+    async def _load_info(self, name: str) -> api.ModelInfo:
+        info: api.ModelInfo = await self._call(name, "info", lambda h: h.info.remote(), None)
+        return info
 
     async def settings(self, name: str) -> dict[str, float]:
         """The deployment's batching and admission settings (``batch_settings`` of a
         replica), cached like ``info``."""
-        cached = self._settings.get(name)
-        if cached and time.monotonic() - cached[0] < self.info_ttl_s:
-            return cached[1]
+        return await self._settings.get(name)
+
+    async def _load_settings(self, name: str) -> dict[str, float]:
         value: dict[str, float] = await self._call(
             name, "batch_settings", lambda h: h.batch_settings.remote(), None)
-        self._settings[name] = (time.monotonic(), value)
         return value
 
     async def batching(self, name: str) -> tuple[int, float]:
@@ -132,17 +201,16 @@ class ServeBackend(Backend):
 
     async def replicas(self, name: str) -> int:
         """Replicas of ``name`` that reported their load lately (at least 1), cached."""
-        cached = self._replicas
-        if cached is None or time.monotonic() - cached[0] >= self.info_ttl_s:
-            try:
-                loads = await asyncio.wait_for(
-                    serve.get_app_handle(self.app_name).load.remote(), timeout=5.0)
-                counts = {m: int(row.get("replicas", 0)) for m, row in loads.items()}
-            except Exception as exc:  # the directory restarting: keep the last count
-                log.debug("replica count not refreshed: %s", exc)
-                counts = cached[1] if cached else {}
-            cached = self._replicas = (time.monotonic(), counts)
-        return max(1, cached[1].get(name, 1))
+        counts = await self._replicas.get(self.app_name)
+        return max(1, counts.get(name, 1))
+
+    async def _load_replicas(self, app: str) -> dict[str, int]:
+        try:
+            loads = await asyncio.wait_for(serve.get_app_handle(app).load.remote(), timeout=5.0)
+            return {m: int(row.get("replicas", 0)) for m, row in loads.items()}
+        except Exception as exc:  # the directory restarting: no counts (1 each) until it is back
+            log.debug("replica counts not read: %s", exc)
+            return {}
 
     @contextlib.asynccontextmanager
     async def admit(self, name: str, requests: int = 1) -> AsyncIterator[None]:
@@ -185,7 +253,7 @@ class ServeBackend(Backend):
         info = await self.resolve(request.model)
         request = validation.check_generate(request, info)  # before it joins a group
         async with self.admit(info.name):
-            max_size, wait_s = await self.batching(info.name)
+            max_size, _ = await self.batching(info.name)
             if max_size <= 1:  # batching off: every request alone, no coalescing either
                 return await self._generate(info.name, request)
             coalescer = self.coalescers.get(info.name)
@@ -196,9 +264,10 @@ class ServeBackend(Backend):
                 coalescer = self.coalescers[info.name] = Coalescer(send)
             timeout = None if request.deadline is None else max(0.0,
                                                                 request.deadline - time.time())
+            slots = PIPELINE_DEPTH * await self.replicas(info.name)
             try:
-                result = await asyncio.wait_for(coalescer.submit(request, max_size, wait_s),
-                                                timeout)
+                async with asyncio.timeout(timeout):  # no task per request, unlike wait_for
+                    result = await coalescer.submit(request, max_size, slots)
             except TimeoutError:
                 raise DeadlineExceeded(f"deadline passed while {info.name}.generate ran"
                                        ) from None
@@ -210,10 +279,7 @@ class ServeBackend(Backend):
         deadlines = [r.deadline for r in group]
         deadline = None if None in deadlines else max(d for d in deadlines if d)
         try:
-            results: list[Any] = await self._call(
-                name, "generate_batch", lambda h: h.generate_batch.remote(group), deadline,
-                unwrap=False, deaths_allowed=0)
-            return results
+            return await self._generate_batch(name, group, False, deadline, deaths_allowed=0)
         except _GROUP_WIDE:
             raise
         except Exception as exc:  # a replica died holding the group, or a bug: one by one
@@ -226,12 +292,87 @@ class ServeBackend(Backend):
         """``request`` in a forward pass of its own; ``died``: a replica already died while
         it held this request, so a second death fails it."""
         try:
-            results = await self._call(
-                name, "generate_batch", lambda h: h.generate_batch.remote([request], True),
-                request.deadline, unwrap=False, deaths_allowed=0 if died else 1)
+            results = await self._generate_batch(name, [request], True, request.deadline,
+                                                 deaths_allowed=0 if died else 1)
             return results[0]
         except Exception as exc:
             return api.ErrorResult.failure(exc, f"{name}.generate")
+
+    async def _generate_batch(self, name: str, requests: list[api.GenerateRequest],
+                              isolated: bool, deadline: float | None, *, deaths_allowed: int
+                              ) -> list[Any]:
+        """``generate_batch`` on a replica of ``name``: over its lane when one is listed
+        (the replica with the fewest groups in flight from here), else with a Serve handle.
+        A lane that fails is not used again until the Directory lists it afresh; its
+        failure counts as a replica death (retried on another replica within
+        ``deaths_allowed``)."""
+        deaths = 0
+        while True:
+            lane = await self._pick_lane(name)
+            if lane is None:
+                results: list[Any] = await self._call(
+                    name, "generate_batch",
+                    lambda h: h.generate_batch.remote(requests, isolated), deadline,
+                    unwrap=False, deaths_allowed=deaths_allowed - deaths)
+                return results
+            timeout = None if deadline is None else max(0.0, deadline - time.time())
+            try:
+                return await lane.generate_batch(requests, isolated, timeout)
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
+                    raise DeadlineExceeded(f"deadline passed while {name}.generate ran"
+                                           ) from None
+                self._lane_failed(lane)
+                if exc.code() == grpc.StatusCode.UNAUTHENTICATED:  # a new replica, same port
+                    continue
+                deaths += 1
+                if deaths > deaths_allowed:
+                    raise ReplicaDied.twice(name, "generate_batch", exc) from exc
+                log.warning("%s.generate_batch: the replica's lane failed (%s); retrying once "
+                            "elsewhere", name, exc.code().name)
+
+    async def _pick_lane(self, name: str) -> LaneClient | None:
+        """The lane of ``name``'s replica with the fewest groups in flight from here; None
+        while the lanes are not known (first listing in the background: Serve handles
+        meanwhile) or none works."""
+        lanes = self._lanes.peek(self.app_name)
+        listed = [] if lanes is None else lanes.get(name, [])
+        now = time.monotonic()
+        good = [a for a in listed if self._failed_lanes.get(a, 0.0) <= now]
+        if not good:
+            return None
+        clients = []
+        for address in good:
+            client = self._lane_clients.get(address)
+            if client is None:
+                client = self._lane_clients[address] = LaneClient(address)
+            clients.append(client)
+        self._rotation += 1
+        start = self._rotation % len(clients)
+        ordered = clients[start:] + clients[:start]  # ties go round the replicas
+        return min(ordered, key=lambda c: c.in_flight)
+
+    def _lane_failed(self, lane: LaneClient) -> None:
+        self._failed_lanes[lane.address] = time.monotonic() + LANE_QUARANTINE_S
+        client = self._lane_clients.pop(lane.address, None)
+        if client is not None:
+            task = asyncio.get_running_loop().create_task(client.close())
+            task.add_done_callback(_consume)
+
+    async def _load_lanes(self, app: str) -> dict[str, list[LaneAddress]]:
+        """The Directory's lanes; while it cannot answer (restarting with the app), this
+        raises and the last listing stays in use (a lane that fails is quarantined)."""
+        listed = await asyncio.wait_for(serve.get_app_handle(app).lanes.remote(), 5.0)
+        lanes = {m: [LaneAddress.from_dict(d) for d in rows] for m, rows in listed.items()}
+        live = {a for rows in lanes.values() for a in rows}
+        for address in [a for a, c in self._lane_clients.items()
+                        if a not in live and c.in_flight == 0]:  # replicas gone
+            task = asyncio.get_running_loop().create_task(
+                self._lane_clients.pop(address).close())
+            task.add_done_callback(_consume)
+        now = time.monotonic()
+        self._failed_lanes = {a: t for a, t in self._failed_lanes.items() if t > now}
+        return lanes
 
     async def _generate(self, name: str, request: api.GenerateRequest) -> api.GenerateResult:
         return await self._call(name, "generate", lambda h: h.generate.remote(request),

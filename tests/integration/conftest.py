@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -14,6 +15,7 @@ def ray_cluster() -> Iterator[None]:
     from ray.serve.config import ProxyLocation
 
     # 2 physical cores: replicas take 0.25 logical CPU each; Ray's own actors need headroom
+    os.environ["GENFLEET_LANE_HOST"] = "127.0.0.1"  # replicas' lanes: loopback only
     ray.init(num_cpus=4, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     serve.start(proxy_location=ProxyLocation.Disabled)
     yield

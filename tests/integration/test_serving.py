@@ -273,6 +273,11 @@ def test_rollout_under_load_fails_no_request(gateway: GatewayThread, app: ModelS
                 except grpc.RpcError as exc:
                     failures.append(exc.code().name)  # type: ignore[attr-defined]
 
+    def lanes() -> list[str]:
+        listed = serve.get_app_handle("genfleet").lanes.remote().result()
+        return sorted(lane["replica"] for lane in listed["gan"])
+
+    replicas = lanes()
     threads = [threading.Thread(target=load) for _ in range(4)]
     for t in threads:
         t.start()
@@ -287,7 +292,58 @@ def test_rollout_under_load_fails_no_request(gateway: GatewayThread, app: ModelS
         t.join()
     assert not failures, failures
     assert 1 in versions and versions[-1] == 2
+    # in place: the same replicas (and lanes) serve the new version; none was restarted
+    assert lanes() == replicas
     operations.rollout(app, "gan", 1)  # back, for the other tests
+
+
+def test_replacing_the_replicas_under_load_fails_no_request(gateway: GatewayThread,
+                                                            app: ModelStore) -> None:
+    # a change that needs new replicas of every model (an upgrade: new code, constructor
+    # arguments): Serve stops the old ones and starts new ones, all at once on these two
+    # cores; their lanes go away under the gateway's feet
+    stop = threading.Event()
+    failures: list[str] = []
+    done = [0]
+
+    def load() -> None:
+        with GenfleetClient(gateway.target, retries=0) as client:
+            seed = 0
+            while not stop.is_set():
+                seed += 1
+                try:
+                    client.generate("gan", 2, seed=seed)
+                    done[0] += 1
+                except grpc.RpcError as exc:
+                    failures.append(exc.code().name)  # type: ignore[attr-defined]
+
+    def lanes() -> list[str]:
+        listed = serve.get_app_handle("genfleet").lanes.remote().result()
+        return sorted(lane["replica"] for lane in listed.get("gan", []))
+
+    before = lanes()
+    config = operations.load_state(app)
+    for m in config.models.values():
+        m.warmup = not m.warmup  # a constructor argument
+    threads = [threading.Thread(target=load) for _ in range(4)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    operations.deploy(config, app)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and lanes() in ([], before):
+        time.sleep(0.5)
+    count = done[0]
+    time.sleep(2.0)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert lanes() not in ([], before)  # new replicas serve
+    assert done[0] > count  # and answer
+    assert not failures, failures
+    for m in config.models.values():
+        m.warmup = not m.warmup
+    operations.deploy(config, app)
 
 
 def test_scale_up_and_down_changes_replicas(app: ModelStore) -> None:

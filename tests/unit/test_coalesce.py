@@ -32,11 +32,11 @@ class Recorder:
         return [i * 10 for i in group]
 
 
-def test_concurrent_calls_within_the_window_become_one_group() -> None:
+def test_calls_that_arrive_together_become_one_group() -> None:
     async def main() -> None:
         send = Recorder()
         c = Coalescer(send)
-        results = await asyncio.gather(*(c.submit(i, 32, 0.05) for i in range(5)))
+        results = await asyncio.gather(*(c.submit(i, 32, 2) for i in range(5)))
         assert results == [0, 10, 20, 30, 40]
         assert send.groups == [[0, 1, 2, 3, 4]]
         assert c.group_sizes == Counter({5: 1})
@@ -44,26 +44,65 @@ def test_concurrent_calls_within_the_window_become_one_group() -> None:
     asyncio.run(main())
 
 
-def test_a_full_group_is_sent_without_waiting() -> None:
+def test_a_lone_call_is_sent_at_once() -> None:
+    # low load: a free slot means no batching window at all
     async def main() -> None:
-        send = Recorder()
-        c = Coalescer(send)
+        c = Coalescer(Recorder())
         loop = asyncio.get_running_loop()
         t0 = loop.time()
-        results = await asyncio.gather(*(c.submit(i, 4, 10.0) for i in range(8)))
-        assert loop.time() - t0 < 1.0  # the 10 s window never ran out
+        for i in range(20):
+            assert await c.submit(i, 32, 2) == 10 * i
+        assert loop.time() - t0 < 0.5
+        assert c.group_sizes == Counter({1: 20})
+
+    asyncio.run(main())
+
+
+def test_while_every_slot_is_taken_calls_gather_into_the_next_group() -> None:
+    async def main() -> None:
+        send = Recorder(delay=0.1)
+        c = Coalescer(send)
+        first = [asyncio.create_task(c.submit(i, 32, 1)) for i in range(2)]
+        await asyncio.sleep(0.02)  # the first group is in flight and holds the only slot
+        later = [asyncio.create_task(c.submit(i, 32, 1)) for i in range(2, 9)]
+        await asyncio.sleep(0.02)
+        assert c.pending == 7 and c.in_flight == 1
+        assert await asyncio.gather(*first, *later) == [i * 10 for i in range(9)]
+        assert send.groups == [[0, 1], [2, 3, 4, 5, 6, 7, 8]]  # sent when the slot freed
+
+    asyncio.run(main())
+
+
+def test_two_slots_let_a_second_group_go_while_the_first_computes() -> None:
+    async def main() -> None:
+        send = Recorder(delay=0.1)
+        c = Coalescer(send)
+        a = asyncio.create_task(c.submit(0, 32, 2))
+        await asyncio.sleep(0.01)
+        b = asyncio.create_task(c.submit(1, 32, 2))
+        await asyncio.sleep(0.01)
+        assert c.in_flight == 2 and c.pending == 0
+        assert await asyncio.gather(a, b) == [0, 10]
+
+    asyncio.run(main())
+
+
+def test_a_full_group_is_sent_without_waiting_for_a_slot() -> None:
+    async def main() -> None:
+        send = Recorder(delay=0.05)
+        c = Coalescer(send)
+        results = await asyncio.gather(*(c.submit(i, 4, 1) for i in range(8)))
         assert results == [i * 10 for i in range(8)]
         assert send.groups == [[0, 1, 2, 3], [4, 5, 6, 7]]
 
     asyncio.run(main())
 
 
-@pytest.mark.parametrize(("max_size", "wait_s"), [(1, 0.05), (8, 0.0)])
-def test_batching_off_sends_every_call_alone(max_size: int, wait_s: float) -> None:
+def test_batching_off_sends_every_call_alone() -> None:
     async def main() -> None:
         send = Recorder()
         c = Coalescer(send)
-        assert await asyncio.gather(*(c.submit(i, max_size, wait_s) for i in range(3))) == [0, 10, 20]
+        assert await asyncio.gather(*(c.submit(i, 1, 2) for i in range(3))) == [0, 10, 20]
         assert send.groups == [[0], [1], [2]]
 
     asyncio.run(main())
@@ -73,7 +112,7 @@ def test_a_caller_that_leaves_does_not_affect_its_group() -> None:
     async def main() -> None:
         send = Recorder(delay=0.2)
         c = Coalescer(send)
-        tasks = [asyncio.create_task(c.submit(i, 32, 0.01)) for i in range(3)]
+        tasks = [asyncio.create_task(c.submit(i, 32, 1)) for i in range(3)]
         await asyncio.sleep(0.05)  # the group is in flight
         tasks[1].cancel()
         assert await tasks[0] == 0 and await tasks[2] == 20
@@ -88,7 +127,7 @@ def test_a_group_whose_callers_all_left_is_cancelled() -> None:
     async def main() -> None:
         send = Recorder(delay=5.0)
         c = Coalescer(send)
-        tasks = [asyncio.create_task(c.submit(i, 32, 0.01)) for i in range(2)]
+        tasks = [asyncio.create_task(c.submit(i, 32, 1)) for i in range(2)]
         await asyncio.sleep(0.05)
         for t in tasks:
             t.cancel()
@@ -101,14 +140,16 @@ def test_a_group_whose_callers_all_left_is_cancelled() -> None:
 
 def test_a_caller_that_leaves_before_the_send_is_not_sent() -> None:
     async def main() -> None:
-        send = Recorder()
+        send = Recorder(delay=0.05)
         c = Coalescer(send)
-        gone = asyncio.create_task(c.submit(1, 32, 0.05))
-        stays = asyncio.create_task(c.submit(2, 32, 0.05))
+        busy = asyncio.create_task(c.submit(0, 32, 1))  # holds the only slot
+        await asyncio.sleep(0.01)
+        gone = asyncio.create_task(c.submit(1, 32, 1))
+        stays = asyncio.create_task(c.submit(2, 32, 1))
         await asyncio.sleep(0.01)
         gone.cancel()
-        assert await stays == 20
-        assert send.groups == [[2]]
+        assert await stays == 20 and await busy == 0
+        assert send.groups == [[0], [2]]
 
     asyncio.run(main())
 
@@ -120,7 +161,7 @@ def test_a_group_wide_failure_reaches_every_caller() -> None:
     # that a request that fails alone fails alone.
     async def main() -> None:
         c = Coalescer(Recorder(fail=ValueError("queue full")))
-        results = await asyncio.gather(*(c.submit(i, 32, 0.01) for i in range(3)),
+        results = await asyncio.gather(*(c.submit(i, 32, 1) for i in range(3)),
                                        return_exceptions=True)
         assert all(isinstance(r, ValueError) for r in results)
         assert c.pending == 0 and c.in_flight == 0
@@ -134,7 +175,7 @@ def test_a_short_answer_is_an_error_not_a_hang() -> None:
 
     async def main() -> None:
         c = Coalescer(short)
-        results = await asyncio.gather(*(c.submit(i, 32, 0.01) for i in range(3)),
+        results = await asyncio.gather(*(c.submit(i, 32, 1) for i in range(3)),
                                        return_exceptions=True)
         assert all(isinstance(r, RuntimeError) for r in results)
 
