@@ -13,8 +13,10 @@ between batches). A request that finds a free slot is sent at the end of the eve
 current iteration, with every request that arrived in that iteration: at low load nothing
 waits for a window. While every slot is taken, requests gather into the next group, which
 is sent the moment a group in flight is answered, or at once when it holds ``max_size``
-requests. Under load the groups grow by themselves to what arrives during one batch's
-compute, and the number of Ray calls per second falls as the load rises. ``max_size <= 1``
+requests, or when it has waited three recent group round trips (a replica that stopped
+answering must not hold every caller of the model behind it). Under load the groups grow
+by themselves to what arrives during one batch's compute, and the number of Ray calls per
+second falls as the load rises. ``max_size <= 1``
 sends every request alone.
 
 A caller that goes away (deadline, cancelled RPC) leaves its group; a group whose callers
@@ -43,7 +45,9 @@ class Coalescer(Generic[T, R]):
         self._futures: list[asyncio.Future[R]] = []
         self._slots = 1
         self._scheduled: asyncio.Handle | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
+        self._stall: asyncio.TimerHandle | None = None
+        self._tasks: dict[asyncio.Task[None], float] = {}  # -> when it was sent
+        self.round_trip_s: float | None = None  # moving average of a group's round trip
         self.group_sizes: Counter[int] = Counter()  # items per sent group -> count
 
     @property
@@ -69,25 +73,39 @@ class Coalescer(Generic[T, R]):
         elif self._scheduled is None and len(self._tasks) < self._slots:
             # sent after this loop iteration, with whatever else arrives in it
             self._scheduled = loop.call_soon(self._flush)
+        elif self._stall is None and self._scheduled is None:
+            self._stall = loop.call_later(self.stall_s, self._flush)
         return await future  # cancelling the caller cancels ``future``
+
+    @property
+    def stall_s(self) -> float:
+        """How long a group waits for a free slot at most: three recent round trips."""
+        return 1.0 if self.round_trip_s is None else max(0.05, 3 * self.round_trip_s)
 
     def _flush(self) -> None:
         if self._scheduled is not None:
             self._scheduled.cancel()
             self._scheduled = None
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         items, futures = self._items, self._futures
         self._items, self._futures = [], []
         live = [(i, f) for i, f in zip(items, futures, strict=True) if not f.done()]
         if not live:
             return
         self.group_sizes[len(live)] += 1
-        task = asyncio.get_running_loop().create_task(self._run(live))
-        self._tasks.add(task)
+        loop = asyncio.get_running_loop()
+        task = loop.create_task(self._run(live))
+        self._tasks[task] = loop.time()
         task.add_done_callback(self._answered)
 
     def _answered(self, task: asyncio.Task[None]) -> None:
         """A slot is free: the group that gathered meanwhile goes now."""
-        self._tasks.discard(task)
+        took = asyncio.get_running_loop().time() - self._tasks.pop(task)
+        if not task.cancelled():
+            self.round_trip_s = took if self.round_trip_s is None else \
+                0.8 * self.round_trip_s + 0.2 * took
         if self._items and self._scheduled is None and len(self._tasks) < self._slots:
             self._flush()
 

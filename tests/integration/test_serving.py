@@ -273,9 +273,8 @@ def test_rollout_under_load_fails_no_request(gateway: GatewayThread, app: ModelS
                 except grpc.RpcError as exc:
                     failures.append(exc.code().name)  # type: ignore[attr-defined]
 
-    def lanes() -> list[str]:
-        listed = serve.get_app_handle("genfleet").lanes.remote().result()
-        return sorted(lane["replica"] for lane in listed["gan"])
+    def lanes() -> str:
+        return str(serve.get_deployment_handle("gan", "genfleet").replica.remote().result())
 
     replicas = lanes()
     threads = [threading.Thread(target=load) for _ in range(4)]
@@ -292,7 +291,7 @@ def test_rollout_under_load_fails_no_request(gateway: GatewayThread, app: ModelS
         t.join()
     assert not failures, failures
     assert 1 in versions and versions[-1] == 2
-    # in place: the same replicas (and lanes) serve the new version; none was restarted
+    # in place: the same replica serves the new version; it was not restarted
     assert lanes() == replicas
     operations.rollout(app, "gan", 1)  # back, for the other tests
 
@@ -301,7 +300,7 @@ def test_replacing_the_replicas_under_load_fails_no_request(gateway: GatewayThre
                                                             app: ModelStore) -> None:
     # a change that needs new replicas of every model (an upgrade: new code, constructor
     # arguments): Serve stops the old ones and starts new ones, all at once on these two
-    # cores; their lanes go away under the gateway's feet
+    # cores
     stop = threading.Event()
     failures: list[str] = []
     done = [0]
@@ -317,9 +316,8 @@ def test_replacing_the_replicas_under_load_fails_no_request(gateway: GatewayThre
                 except grpc.RpcError as exc:
                     failures.append(exc.code().name)  # type: ignore[attr-defined]
 
-    def lanes() -> list[str]:
-        listed = serve.get_app_handle("genfleet").lanes.remote().result()
-        return sorted(lane["replica"] for lane in listed.get("gan", []))
+    def lanes() -> str:
+        return str(serve.get_deployment_handle("gan", "genfleet").replica.remote().result())
 
     before = lanes()
     config = operations.load_state(app)
@@ -331,19 +329,47 @@ def test_replacing_the_replicas_under_load_fails_no_request(gateway: GatewayThre
     time.sleep(1.0)
     operations.deploy(config, app)
     deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and lanes() in ([], before):
+    while time.monotonic() < deadline and lanes() == before:
         time.sleep(0.5)
     count = done[0]
     time.sleep(2.0)
     stop.set()
     for t in threads:
         t.join()
-    assert lanes() not in ([], before)  # new replicas serve
+    assert lanes() != before  # new replicas serve
     assert done[0] > count  # and answer
     assert not failures, failures
     for m in config.models.values():
         m.warmup = not m.warmup
     operations.deploy(config, app)
+
+
+def test_lanes_carry_generate_groups_with_identical_results(gateway: GatewayThread,
+                                                           app: ModelStore) -> None:
+    # lane: true for gan (a constructor argument: its replica is replaced); every answer
+    # through the lane equals the one through Serve's router, alone or coalesced
+    with GenfleetClient(gateway.target, retries=0) as client:
+        alone = [client.generate("gan", 2, seed=s).samples for s in range(12)]
+        config = operations.load_state(app)
+        config.models["gan"].lane = True
+        operations.deploy(config, app)
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            listed = serve.get_app_handle("genfleet").lanes.remote().result()
+            if listed.get("gan"):
+                break
+            time.sleep(0.5)
+        assert listed.get("gan"), listed
+        time.sleep(1.5)  # the gateway's lane listing refreshes every second
+        with ThreadPoolExecutor(12) as pool:
+            together = list(pool.map(lambda s: client.generate("gan", 2, seed=s).samples,
+                                     range(12)))
+        backend: Any = gateway.gateway.backend
+        assert any(a.port == listed["gan"][0]["port"] for a in backend._lane_clients)
+        config.models["gan"].lane = False
+        operations.deploy(config, app)
+    for a, b in zip(alone, together, strict=True):
+        assert a is not None and b is not None and a.tobytes() == b.tobytes()
 
 
 def test_scale_up_and_down_changes_replicas(app: ModelStore) -> None:

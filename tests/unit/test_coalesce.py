@@ -240,3 +240,25 @@ def test_a_failing_run_fails_its_callers_and_the_runner_goes_on() -> None:
 
     asyncio.run(main())
 
+
+
+def test_a_stuck_group_holds_the_others_for_three_round_trips_at_most() -> None:
+    async def main() -> None:
+        delays = iter([0.02, 0.02, 0.02, 30.0])  # a replica that stops answering
+
+        async def send(group: list[int]) -> list[int]:
+            await asyncio.sleep(next(delays, 0.02))
+            return [i * 10 for i in group]
+
+        c = Coalescer(send)
+        for i in range(3):  # learn the round trip (~20 ms)
+            assert await c.submit(i, 32, 1) == i * 10
+        stuck = asyncio.create_task(c.submit(3, 32, 1))  # holds the only slot
+        await asyncio.sleep(0.01)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        assert await asyncio.wait_for(c.submit(4, 32, 1), 5) == 40
+        assert loop.time() - t0 < 1.0  # ~3 x 20 ms, not 30 s
+        stuck.cancel()
+
+    asyncio.run(main())
