@@ -91,11 +91,15 @@ class Cached(Generic[V]):
     A key never loaded (or ``fresh=True``) waits for a load (shared by every caller that
     asks meanwhile); a value older than ``ttl_s`` is returned at once and refreshed in the
     background, once. A failed background refresh keeps the old value (and is logged); a
-    failed first load raises to every caller that waited for it."""
+    failed first load raises to every caller that waited for it. A load that takes longer
+    than ``timeout_s`` fails (TimeoutError): a hung Ray call must not leave a key that is
+    never refreshed again."""
 
-    def __init__(self, load: Callable[[str], Awaitable[V]], ttl_s: float) -> None:
+    def __init__(self, load: Callable[[str], Awaitable[V]], ttl_s: float,
+                 timeout_s: float = 10.0) -> None:
         self._load = load
         self.ttl_s = ttl_s
+        self.timeout_s = timeout_s
         self._values: dict[str, tuple[float, V]] = {}
         self._loading: dict[str, asyncio.Future[V]] = {}
 
@@ -120,7 +124,7 @@ class Cached(Generic[V]):
     def _start(self, key: str) -> asyncio.Future[V]:
         async def load() -> V:
             try:
-                value = await self._load(key)
+                value = await asyncio.wait_for(self._load(key), self.timeout_s)
                 self._values[key] = (time.monotonic(), value)
                 return value
             finally:
@@ -129,9 +133,6 @@ class Cached(Generic[V]):
         task = asyncio.get_running_loop().create_task(load())
         self._loading[key] = task
         return task
-
-    def forget(self, key: str) -> None:
-        self._values.pop(key, None)
 
 
 def _consume(task: asyncio.Future[Any]) -> None:

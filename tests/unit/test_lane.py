@@ -221,3 +221,15 @@ def test_peek_never_waits_and_loads_in_the_background() -> None:
         assert cache.peek("gan") == "gan-1"
 
     asyncio.run(main())
+
+
+def test_a_hung_load_times_out_and_the_next_request_loads_again() -> None:
+    async def main() -> None:
+        load = Loader(delay=10.0)
+        cache = Cached(load, ttl_s=0.0, timeout_s=0.05)
+        with pytest.raises(TimeoutError):
+            await cache.get("gan")
+        load.delay = 0.0
+        assert await cache.get("gan") == "gan-2"  # not stuck behind the hung load
+
+    asyncio.run(main())
