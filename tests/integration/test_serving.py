@@ -256,43 +256,54 @@ def test_backpressure_counts_requests_not_coalesced_groups(ray_cluster: None,
 
 
 # ----------------------------------------------------------------- operations
+class GanLoad:
+    """Four clients without retries calling ``gan`` (2 samples, new seeds) until
+    ``stop``; the version of every answer and the status of every failure."""
+
+    def __init__(self, target: str) -> None:
+        self.versions: list[int] = []
+        self.failures: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(target,)) for _ in range(4)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, target: str) -> None:
+        with GenfleetClient(target, retries=0) as client:
+            seed = 0
+            while not self._stop.is_set():
+                seed += 1
+                try:
+                    self.versions.append(client.generate("gan", 2, seed=seed).version)
+                except grpc.RpcError as exc:
+                    self.failures.append(exc.code().name)  # type: ignore[attr-defined]
+
+    def stop(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
+
+def _gan_replica() -> str:
+    return str(serve.get_deployment_handle("gan", "genfleet").replica.remote().result())
+
+
 def test_rollout_under_load_fails_no_request(gateway: GatewayThread, app: ModelStore) -> None:
     tiny_store(app.root, families=["gan"], steps=3)  # version 2 of "gan"
     assert app.versions("gan") == [1, 2]
-    stop = threading.Event()
-    versions: list[int] = []
-    failures: list[str] = []
-
-    def load() -> None:
-        with GenfleetClient(gateway.target, retries=0) as client:
-            seed = 0
-            while not stop.is_set():
-                seed += 1
-                try:
-                    versions.append(client.generate("gan", 2, seed=seed).version)
-                except grpc.RpcError as exc:
-                    failures.append(exc.code().name)  # type: ignore[attr-defined]
-
-    def lanes() -> str:
-        return str(serve.get_deployment_handle("gan", "genfleet").replica.remote().result())
-
-    replicas = lanes()
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
+    replica = _gan_replica()
+    load = GanLoad(gateway.target)
     time.sleep(1.0)
     operations.rollout(app, "gan", 2)
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and (not versions or versions[-1] != 2):
+    while time.monotonic() < deadline and (not load.versions or load.versions[-1] != 2):
         time.sleep(0.2)
     time.sleep(1.0)
-    stop.set()
-    for t in threads:
-        t.join()
-    assert not failures, failures
-    assert 1 in versions and versions[-1] == 2
+    load.stop()
+    assert not load.failures, load.failures
+    assert 1 in load.versions and load.versions[-1] == 2
     # in place: the same replica serves the new version; it was not restarted
-    assert lanes() == replicas
+    assert _gan_replica() == replica
     operations.rollout(app, "gan", 1)  # back, for the other tests
 
 
@@ -301,44 +312,22 @@ def test_replacing_the_replicas_under_load_fails_no_request(gateway: GatewayThre
     # a change that needs new replicas of every model (an upgrade: new code, constructor
     # arguments): Serve stops the old ones and starts new ones, all at once on these two
     # cores
-    stop = threading.Event()
-    failures: list[str] = []
-    done = [0]
-
-    def load() -> None:
-        with GenfleetClient(gateway.target, retries=0) as client:
-            seed = 0
-            while not stop.is_set():
-                seed += 1
-                try:
-                    client.generate("gan", 2, seed=seed)
-                    done[0] += 1
-                except grpc.RpcError as exc:
-                    failures.append(exc.code().name)  # type: ignore[attr-defined]
-
-    def lanes() -> str:
-        return str(serve.get_deployment_handle("gan", "genfleet").replica.remote().result())
-
-    before = lanes()
+    before = _gan_replica()
     config = operations.load_state(app)
     for m in config.models.values():
         m.warmup = not m.warmup  # a constructor argument
-    threads = [threading.Thread(target=load) for _ in range(4)]
-    for t in threads:
-        t.start()
+    load = GanLoad(gateway.target)
     time.sleep(1.0)
     operations.deploy(config, app)
     deadline = time.monotonic() + 90
-    while time.monotonic() < deadline and lanes() == before:
+    while time.monotonic() < deadline and _gan_replica() == before:
         time.sleep(0.5)
-    count = done[0]
+    count = len(load.versions)
     time.sleep(2.0)
-    stop.set()
-    for t in threads:
-        t.join()
-    assert lanes() != before  # new replicas serve
-    assert done[0] > count  # and answer
-    assert not failures, failures
+    load.stop()
+    assert _gan_replica() != before  # new replicas serve
+    assert len(load.versions) > count  # and answer
+    assert not load.failures, load.failures
     for m in config.models.values():
         m.warmup = not m.warmup
     operations.deploy(config, app)
