@@ -5,7 +5,7 @@ import warnings
 
 from services.gateway.pb.genfleet.v1 import generation_pb2 as genfleet_dot_v1_dot_generation__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.81.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
