@@ -1,11 +1,13 @@
-"""Shared fixtures: tiny configs for every family, small seeded data."""
+"""Shared fixtures: tiny configs for every family, small seeded data, a throw-away PKI."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import trustme
 
 # family -> config overrides small enough for a fast contract test on CPU
 TINY_CONFIGS: dict[str, dict[str, Any]] = {
@@ -34,3 +36,19 @@ def digits_batch() -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.from_numpy(data.as_float()[:6])
     y = torch.from_numpy(data.labels[:6])  # type: ignore[index]
     return x, y
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    ca = trustme.CA()
+    out = tmp_path_factory.mktemp("pki")
+    server = ca.issue_cert("127.0.0.1", "localhost")
+    client = ca.issue_cert("client@genfleet")
+    paths = {"ca": out / "ca.pem", "cert": out / "server.pem", "key": out / "server.key",
+             "client_cert": out / "client.pem", "client_key": out / "client.key"}
+    ca.cert_pem.write_to_path(str(paths["ca"]))
+    server.cert_chain_pems[0].write_to_path(str(paths["cert"]))
+    server.private_key_pem.write_to_path(str(paths["key"]))
+    client.cert_chain_pems[0].write_to_path(str(paths["client_cert"]))
+    client.private_key_pem.write_to_path(str(paths["client_key"]))
+    return paths

@@ -90,7 +90,8 @@ def gateway_config(args: argparse.Namespace) -> Any:
         max_concurrent_rpcs=args.max_concurrent_rpcs,
         max_request_bytes_in_flight=args.max_inflight_mib * 1024 * 1024,
         metrics_port=None if args.metrics_port < 0 else args.metrics_port,
-        health_port=None if args.health_port < 0 else args.health_port)
+        health_port=None if args.health_port < 0 else args.health_port,
+        http_port=None if args.http_port < 0 else args.http_port)
     config.validate()
     return config
 
@@ -109,6 +110,10 @@ def gateway_args(p: argparse.ArgumentParser) -> None:
                    help="request bytes held by the RPCs in flight, MiB; beyond: RESOURCE_EXHAUSTED")
     p.add_argument("--metrics-port", type=int, default=8080,
                    help="gateway Prometheus /metrics port (0: any free port, -1: none)")
+    p.add_argument("--http-port", type=int, default=8000,
+                   help="Open Inference Protocol v2 over HTTP/REST on this port, with the same "
+                        "TLS and token (0: any free port, -1: none); v2 over gRPC is always on "
+                        "--port")
     p.add_argument("--health-port", type=int, default=-1,
                    help="also serve grpc.health.v1 alone, in plaintext and without auth, on this "
                         "port (for Kubernetes gRPC probes, which speak no TLS; -1: none)")

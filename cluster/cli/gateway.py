@@ -31,6 +31,10 @@ async def _gateway(args: argparse.Namespace, settings: Any) -> None:
     async def announce(port: int) -> None:
         print(f"genfleet gateway on {args.host}:{port} for Serve application {args.app!r}"
               f"{security_note(gateway)}", flush=True)
+        print("  OIP v2 gRPC on the same port (inference.GRPCInferenceService)", flush=True)
+        if gateway.http_port is not None:
+            scheme = "https" if gateway.config.tls else "http"
+            print(f"  OIP v2 REST {scheme}://{args.host}:{gateway.http_port}/v2", flush=True)
         if gateway.health_port is not None:
             print(f"  grpc.health.v1 (plaintext) {args.host}:{gateway.health_port}", flush=True)
         if gateway.metrics_port is not None:

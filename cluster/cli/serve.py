@@ -59,11 +59,17 @@ async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, star
                    if gateway.metrics_port is not None else {})
         metrics.update(await asyncio.to_thread(ray_cluster.metrics_endpoints))
         state = {"pid": os.getpid(), "target": target, "app": config.app_name,
+                 "http_port": gateway.http_port,
                  "models": list(config.models), "started": time.time(), "metrics": metrics}
         (run_dir(store) / "up.json").write_text(json.dumps(state))
         print(f"genfleet is up in {time.perf_counter() - started:.1f} s", flush=True)
         print(f"  gRPC gateway     {target}  (genfleet.v1.GenerationService, grpc.health.v1, "
               f"reflection{security_note(gateway)})")
+        print(f"  OIP v2 gRPC      {target}  (inference.GRPCInferenceService: tritonclient, "
+              f"KServe)")
+        if gateway.http_port is not None:
+            scheme = "https" if gateway.config.tls else "http"
+            print(f"  OIP v2 REST      {scheme}://{args.host}:{gateway.http_port}/v2")
         print(f"  models           "
               f"{', '.join(f'{m}@{c.version}' for m, c in config.models.items())}")
         print(f"  model store      {store.root}")

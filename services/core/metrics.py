@@ -16,7 +16,7 @@ from typing import Literal
 
 Kind = Literal["counter", "gauge", "histogram"]
 Exporter = Literal["gateway", "ray"]
-LABELS = frozenset({"model", "family", "method", "code", "phase"})  # never seeds or ids
+LABELS = frozenset({"model", "family", "method", "code", "phase", "protocol"})  # never seeds or ids
 UNITS = ("seconds", "samples", "requests", "epochs", "nats", "bytes", "ratio", "steps", "shards",
          "per_second")
 
@@ -62,15 +62,16 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096)
 # ----------------------------------------------------------------------- gateway
 GATEWAY_REQUESTS = _check(MetricSpec(
     "genfleet_gateway_requests_total", "counter",
-    "RPCs the gateway finished, by method, model and gRPC status code (code != OK: errors)",
-    "requests", ("method", "model", "code"), exporter="gateway"))
+    "Calls the gateway finished, by method, model, protocol (genfleet, v2-grpc, v2-rest) "
+    "and gRPC status code (code != OK: errors)",
+    "requests", ("method", "model", "protocol", "code"), exporter="gateway"))
 GATEWAY_LATENCY = _check(MetricSpec(
     "genfleet_gateway_request_duration_seconds", "histogram",
     "End-to-end RPC latency in the gateway (a whole stream for GenerateStream)",
-    "seconds", ("method", "model"), LATENCY_BUCKETS, exporter="gateway"))
+    "seconds", ("method", "model", "protocol"), LATENCY_BUCKETS, exporter="gateway"))
 GATEWAY_IN_FLIGHT = _check(MetricSpec(
-    "genfleet_gateway_in_flight_requests", "gauge", "RPCs in progress in the gateway",
-    "requests", ("method", "model"), exporter="gateway"))
+    "genfleet_gateway_in_flight_requests", "gauge", "Calls in progress in the gateway",
+    "requests", ("method", "model", "protocol"), exporter="gateway"))
 
 # ---------------------------------------------------------------------- replicas
 SERVE_QUEUE = _check(MetricSpec(

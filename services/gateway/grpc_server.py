@@ -14,23 +14,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import importlib.metadata
 import logging
 import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from tritonclient.grpc import service_pb2_grpc as v2_grpc
 
 from services.core import api
-from services.core.batch import BatchRequest
 from services.core.errors import InvalidArgument, ModelNotReady, Overloaded
-from services.gateway import codec
+from services.gateway import codec, oip
+from services.gateway.backend import Backend, BatchBackend
 from services.gateway.metrics import GatewayMetrics, MetricsInterceptor
+from services.gateway.oip_grpc import PROTOCOL as V2_PROTOCOL
+from services.gateway.oip_grpc import SERVICE as V2_SERVICE
+from services.gateway.oip_grpc import InferenceServicer
 from services.gateway.pb.genfleet.v1 import batch_pb2 as bpb
 from services.gateway.pb.genfleet.v1 import batch_pb2_grpc as bpb_grpc
 from services.gateway.pb.genfleet.v1 import generation_pb2 as pb
@@ -41,30 +46,7 @@ log = logging.getLogger("genfleet.gateway")
 SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 BATCH_SERVICE = bpb.DESCRIPTOR.services_by_name["BatchService"].full_name
 T = TypeVar("T")
-
-
-class Backend(Protocol):
-    """What the gateway needs from the serving side (raises genfleet errors)."""
-
-    async def model_names(self, refresh: bool = False) -> list[str]: ...
-    async def list_models(self) -> list[api.ModelInfo]: ...
-    async def resolve(self, ref: str) -> api.ModelInfo: ...
-    async def healthy(self, name: str | None = None) -> bool: ...
-    async def open_stream(self, request: api.GenerateRequest, chunk: int | None
-                          ) -> tuple[api.GenerateRequest, int]: ...
-    async def generate(self, request: api.GenerateRequest) -> api.GenerateResult: ...
-    async def score(self, request: api.ScoreRequest) -> api.ScoreResult: ...
-    async def encode(self, request: api.EncodeRequest) -> api.EncodeResult: ...
-    async def decode(self, request: api.DecodeRequest) -> api.DecodeResult: ...
-
-
-class BatchBackend(Protocol):
-    """Dataset-generation jobs (``cluster.batch.manager.BatchManager``)."""
-
-    async def submit(self, request: BatchRequest) -> api.BatchStatus: ...
-    async def get(self, job_id: str) -> api.BatchStatus: ...
-    async def cancel(self, job_id: str) -> api.BatchStatus: ...
-    async def list(self) -> list[api.BatchStatus]: ...
+V2_HEALTH = ("ServerLive", "ServerReady", "ModelReady")
 
 
 @dataclass
@@ -84,6 +66,9 @@ class GatewayConfig:
     # grpc.health.v1 alone on this port, plaintext, no auth: Kubernetes gRPC probes speak
     # neither TLS nor tokens (0: any free port)
     health_port: int | None = None
+    # Open Inference Protocol v2 over HTTP/REST here, with the same host, TLS and token
+    # (0: any free port; None: off). v2 over gRPC is always on the main port.
+    http_port: int | None = None
 
     def validate(self) -> None:
         """Refuse a configuration that cannot be what its operator meant (one clear line).
@@ -132,6 +117,13 @@ class GatewayConfig:
         return self.tls_cert is not None
 
 
+def _version() -> str:
+    try:
+        return importlib.metadata.version("genfleet")
+    except importlib.metadata.PackageNotFoundError:  # a source tree that is not installed
+        return "0+unknown"
+
+
 # health service name that is SERVING while the process serves, whatever the models' state:
 # a liveness probe asks for it (restarting the gateway does not bring a model back)
 LIVENESS = "liveness"
@@ -152,8 +144,8 @@ class Calls:
         self.lost: str | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    async def run(self, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]
-                  ) -> T:
+    async def guard(self, call: Callable[[], Awaitable[T]]) -> T:
+        """Run ``call`` as a call in flight: ``lose`` ends it with ModelNotReady."""
         task = asyncio.current_task()
         try:
             if self.lost is not None:
@@ -164,13 +156,19 @@ class Calls:
         except asyncio.CancelledError:
             if self.lost is None:
                 raise
-            await abort(context, ModelNotReady(self.lost))
-            raise AssertionError("unreachable") from None  # abort raises
+            raise ModelNotReady(self.lost) from None
+        finally:
+            self._tasks.discard(task)
+
+    async def run(self, context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]
+                  ) -> T:
+        try:
+            return await self.guard(call)
+        except asyncio.CancelledError:
+            raise
         except Exception as exc:
             await abort(context, exc)
             raise AssertionError("unreachable") from exc  # abort raises
-        finally:
-            self._tasks.discard(task)
 
     def lose(self, reason: str) -> None:
         self.lost = reason
@@ -291,10 +289,10 @@ class BatchServicer(bpb_grpc.BatchServiceServicer):
 
 
 class TokenAuth(grpc.aio.ServerInterceptor):
-    """Require ``authorization: Bearer <token>`` (constant-time compare); health is exempt
-    so that Kubernetes probes need no secret."""
+    """Require ``authorization: Bearer <token>`` (constant-time compare); health (gRPC's,
+    and v2's liveness and readiness) is exempt so that probes need no secret."""
 
-    EXEMPT = ("/grpc.health.v1.Health/",)
+    EXEMPT = ("/grpc.health.v1.Health/", *(f"/{V2_SERVICE}/{m}" for m in V2_HEALTH))
 
     def __init__(self, token: str) -> None:
         self._expected = f"Bearer {token}".encode()
@@ -312,17 +310,27 @@ class TokenAuth(grpc.aio.ServerInterceptor):
 
         self._deny_stream = grpc.unary_stream_rpc_method_handler(deny_stream)
 
+        async def deny_bidi(requests: Any, context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[None]:
+            await deny(None, context)
+            yield None  # pragma: no cover - abort raised
+
+        self._deny_bidi = grpc.stream_stream_rpc_method_handler(deny_bidi)
+
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
         method = handler_call_details.method or ""
-        if method.startswith(self.EXEMPT):
-            return await continuation(handler_call_details)
+        handler = await continuation(handler_call_details)  # only looks the method up
+        if method.startswith(self.EXEMPT) or handler is None:
+            return handler
         metadata = dict(handler_call_details.invocation_metadata or ())
         given = metadata.get("authorization", "")
         given_bytes = given.encode() if isinstance(given, str) else bytes(given)
         if hmac.compare_digest(given_bytes, self._expected):
-            return await continuation(handler_call_details)
-        return self._deny_stream if method.endswith("Stream") else self._deny_unary
+            return handler
+        if handler.request_streaming:
+            return self._deny_bidi
+        return self._deny_stream if handler.response_streaming else self._deny_unary
 
 
 class Admission(grpc.aio.ServerInterceptor):
@@ -332,8 +340,10 @@ class Admission(grpc.aio.ServerInterceptor):
 
     RETRY_AFTER_S = 0.05
 
-    def __init__(self, services: tuple[str, ...], max_rpcs: int, max_bytes: int) -> None:
+    def __init__(self, services: tuple[str, ...], max_rpcs: int, max_bytes: int,
+                 exempt: tuple[str, ...] = ()) -> None:
         self._services = services
+        self._exempt = exempt  # methods (paths) never refused: v2 liveness and readiness
         self.max_rpcs = max_rpcs
         self.max_bytes = max_bytes
         self.rpcs = 0  # the event loop is the only writer: no lock
@@ -342,7 +352,8 @@ class Admission(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation: Callable[[Any], Awaitable[Any]],
                                 handler_call_details: grpc.HandlerCallDetails) -> Any:
         handler = await continuation(handler_call_details)
-        if handler is None or not (handler_call_details.method or "").startswith(self._services):
+        method = handler_call_details.method or ""
+        if handler is None or not method.startswith(self._services) or method in self._exempt:
             return handler
         if handler.unary_unary is not None:
             return handler._replace(unary_unary=self._unary(handler.unary_unary))
@@ -350,21 +361,36 @@ class Admission(grpc.aio.ServerInterceptor):
             return handler._replace(unary_stream=self._stream(handler.unary_stream))
         return handler
 
-    async def _admit(self, request: Any, context: grpc.aio.ServicerContext) -> int:
-        size = int(request.ByteSize())
+    def admit(self, size: int) -> int:
+        """Count one call of ``size`` request bytes (every protocol shares the bounds);
+        ``release(size)`` when it ends.
+
+        Raises:
+            Overloaded: beyond either bound (with the retry delay).
+        """
         if self.rpcs >= self.max_rpcs or self.bytes + size > self.max_bytes:
-            what = (f"{self.rpcs} RPCs in flight (max {self.max_rpcs})"
+            what = (f"{self.rpcs} calls in flight (max {self.max_rpcs})"
                     if self.rpcs >= self.max_rpcs else
                     f"{self.bytes + size} request bytes in flight (max {self.max_bytes})")
-            await abort(context, Overloaded(f"the gateway is at capacity: {what}; retry with "
-                                            f"backoff", retry_after_s=self.RETRY_AFTER_S))
+            raise Overloaded(f"the gateway is at capacity: {what}; retry with backoff",
+                             retry_after_s=self.RETRY_AFTER_S)
         self.rpcs += 1
         self.bytes += size
         return size
 
-    def _release(self, size: int) -> None:
+    def release(self, size: int) -> None:
         self.rpcs -= 1
         self.bytes -= size
+
+    async def _admit(self, request: Any, context: grpc.aio.ServicerContext) -> int:
+        try:
+            return self.admit(int(request.ByteSize()))
+        except Overloaded as exc:
+            await abort(context, exc)
+            raise AssertionError("unreachable") from exc  # abort raises
+
+    def _release(self, size: int) -> None:
+        self.release(size)
 
     def _unary(self, behavior: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -400,16 +426,27 @@ class Gateway:
         self.batches = batches  # None: BatchService is not offered (UNIMPLEMENTED)
         self.port: int | None = None
         self.health = health.aio.HealthServicer()
-        self.metrics = GatewayMetrics([SERVICE, BATCH_SERVICE])
+        self.metrics = GatewayMetrics([SERVICE, BATCH_SERVICE, V2_SERVICE],
+                                      {V2_SERVICE: V2_PROTOCOL})
         self.metrics_port: int | None = None
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
         self._health_task: asyncio.Task[None] | None = None
         self.calls = Calls()
-        self.admission = Admission(tuple(f"/{s}/" for s in (SERVICE, BATCH_SERVICE)),
+        self.admission = Admission(tuple(f"/{s}/" for s in (SERVICE, BATCH_SERVICE, V2_SERVICE)),
                                    self.config.max_concurrent_rpcs,
-                                   self.config.max_request_bytes_in_flight)
+                                   self.config.max_request_bytes_in_flight,
+                                   exempt=tuple(f"/{V2_SERVICE}/{m}" for m in V2_HEALTH))
+        # readiness as grpc.health.v1 reports it (kept by the health loop): v2 answers it too
+        self.serving = False
+        self.ready_models: dict[str, bool] = {}
+        self.v2 = oip.Service(backend, self._ready, _version())
+        self.rest: Any = None  # oip_rest.RestServer while the REST endpoint runs
+        self.http_port: int | None = None
+
+    def _ready(self, name: str | None) -> bool:
+        return self.serving if name is None else self.serving and self.ready_models.get(name, False)
 
     async def start(self) -> int:
         """Validate the configuration, bind and start; returns the bound port.
@@ -436,8 +473,11 @@ class Gateway:
             ])
         pb_grpc.add_GenerationServiceServicer_to_server(
             GenerationServicer(self.backend, c, self.calls), server)
+        v2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(
+            self.v2, self.calls.run, c.max_message_bytes, self.admission, self.metrics,
+            c.stream_parallel), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        services = [SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+        services = [SERVICE, V2_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                     reflection.SERVICE_NAME]
         if self.batches is not None:
             bpb_grpc.add_BatchServiceServicer_to_server(BatchServicer(self.batches, self.calls), server)
@@ -462,6 +502,11 @@ class Gateway:
         await self.health.set(LIVENESS, health_pb2.HealthCheckResponse.SERVING)
         if c.metrics_port is not None:
             self.metrics_port = self.metrics.serve(c.host, c.metrics_port)
+        if c.http_port is not None:
+            from services.gateway.oip_rest import RestServer
+
+            self.rest = RestServer(self.v2, c, self.calls, self.admission, self.metrics)
+            self.http_port = await self.rest.start()
         await self._refresh_health()
         self._health_task = asyncio.create_task(self._health_loop())
         log.info("gateway listening on %s:%d", c.host, self.port)
@@ -477,6 +522,8 @@ class Gateway:
             names = []
         states = {n: await self.backend.healthy(n) for n in names}
         overall = bool(states) and any(states.values())
+        if self.calls.lost is None:
+            self.ready_models, self.serving = states, overall
         await self.health.set(health.OVERALL_HEALTH, serving if overall else not_serving)
         await self.health.set(SERVICE, serving if overall else not_serving)
         for name, ok in states.items():
@@ -494,6 +541,7 @@ class Gateway:
         if self._health_task is not None:
             self._health_task.cancel()
         not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        self.serving = False
         await self.health.set(health.OVERALL_HEALTH, not_serving)
         await self.health.set(SERVICE, not_serving)
         self.calls.lose(reason)
@@ -503,6 +551,9 @@ class Gateway:
         if self._health_task is not None:
             self._health_task.cancel()
         await self.health.enter_graceful_shutdown()
+        self.serving = False
+        if self.rest is not None:
+            await self.rest.stop(grace)
         if self._server is not None:
             await self._server.stop(grace)
         if self._health_server is not None:

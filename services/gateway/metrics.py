@@ -1,9 +1,13 @@
 """The gateway's Prometheus metrics (prometheus-client, its own registry and port).
 
-``MetricsInterceptor`` measures every GenerationService RPC from the outside, so calls
-the auth interceptor rejects are counted too (code UNAUTHENTICATED). The ``model`` label
-takes only served model names (without ``@version``); anything else a client sends is
-``other`` so that a caller cannot grow the label set.
+``MetricsInterceptor`` measures every RPC of the instrumented services from the outside,
+so calls the auth interceptor rejects are counted too (code UNAUTHENTICATED); the REST
+endpoint and v2 stream messages use ``GatewayMetrics.observe``. The ``protocol`` label says
+which API a call came in by: ``genfleet`` (the native gRPC services), ``v2-grpc`` or
+``v2-rest`` (Open Inference Protocol v2); ``code`` is always a gRPC status code name (the
+REST endpoint's errors go through the same status table). The ``model`` label takes only
+served model names (without ``@version`` or a v2 ``.score``-style suffix); anything else a
+client sends is ``other`` so that a caller cannot grow the label set.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def _make(spec: specs.MetricSpec, registry: CollectorRegistry) -> Any:
 class GatewayMetrics:
     """The gateway's metric objects, in a registry of their own (one per gateway)."""
 
-    def __init__(self, services: Iterable[str]) -> None:
+    def __init__(self, services: Iterable[str], protocols: dict[str, str] | None = None) -> None:
         disable_created_metrics()  # no *_created series: nothing here queries them
         self.registry = CollectorRegistry()
         ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory, fds
@@ -49,15 +53,26 @@ class GatewayMetrics:
         self.latency = _make(specs.GATEWAY_LATENCY, self.registry)
         self.in_flight = _make(specs.GATEWAY_IN_FLIGHT, self.registry)
         self.services = tuple(f"/{s}/" for s in services)
+        # service -> protocol label (default: genfleet)
+        self.protocols = {f"/{s}/": p for s, p in (protocols or {}).items()}
         self.models: frozenset[str] = frozenset()  # kept current by the gateway
         self._http: Any = None
 
-    def model_label(self, request: Any) -> str:
-        ref = getattr(request, "model", "")
+    def model_label(self, ref: Any) -> str:
+        """The label for a model reference (``name``, ``name@version``, a v2 name)."""
         name = ref.split("@", 1)[0] if isinstance(ref, str) else ""
         if not name:
             return ""  # the RPC names no model (ListModels) or the request did not parse
+        if name not in self.models:
+            base, _, suffix = name.rpartition(".")
+            if suffix in ("score", "encode", "decode") and base in self.models:
+                return base
         return name if name in self.models else OTHER
+
+    def observe(self, method: str, ref: Any, protocol: str) -> _Observation:
+        """A call measured by hand: in flight while inside; ``.code`` (a gRPC status code
+        name) is what is counted, OK unless set or the block raises."""
+        return _Observation(self, method, self.model_label(ref), protocol, None)
 
     def serve(self, host: str, port: int) -> int:
         """Start the ``/metrics`` HTTP endpoint; returns the bound port (``port`` 0: any)."""
@@ -71,8 +86,8 @@ class GatewayMetrics:
             self._http = None
 
 
-def _code(context: grpc.aio.ServicerContext, failure: BaseException | None) -> str:
-    code = context.code()  # set by abort() or set_code()
+def _code(context: grpc.aio.ServicerContext | None, failure: BaseException | None) -> str:
+    code = context.code() if context is not None else None  # set by abort() or set_code()
     if isinstance(code, grpc.StatusCode):
         return str(code.name)
     if failure is None:
@@ -94,16 +109,22 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         path = handler_call_details.method or ""
         if handler is None or not path.startswith(self._m.services):
             return handler
-        method = path.rsplit("/", 1)[-1]
         if handler.unary_unary is not None:
-            return handler._replace(unary_unary=self._unary(method, handler.unary_unary))
+            return handler._replace(unary_unary=self._unary(path, handler.unary_unary))
         if handler.unary_stream is not None:
-            return handler._replace(unary_stream=self._stream(method, handler.unary_stream))
+            return handler._replace(unary_stream=self._stream(path, handler.unary_stream))
         return handler
 
     def _observe(self, method: str, request: Any, context: grpc.aio.ServicerContext
                  ) -> _Observation:
-        return _Observation(self._m, method, self._m.model_label(request), context)
+        # native requests name it in "model", v2 inference in "model_name", v2 metadata
+        # and readiness in "name"
+        ref = next((v for f in ("model", "model_name", "name")
+                    if isinstance(v := getattr(request, f, None), str)), "")
+        path = next((s for s in self._m.protocols if method.startswith(s)), "")
+        protocol = self._m.protocols.get(path, "genfleet")
+        return _Observation(self._m, method.rsplit("/", 1)[-1], self._m.model_label(ref),
+                            protocol, context)
 
     def _unary(self, method: str, behavior: Callable[..., Awaitable[Any]]
                ) -> Callable[..., Awaitable[Any]]:
@@ -125,19 +146,22 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
 
 
 class _Observation:
-    """One RPC: in flight while inside; on exit its latency and its status code."""
+    """One call: in flight while inside; on exit its latency and its status code (``code``
+    when set, else the RPC context's, else OK or what the failure says)."""
 
-    def __init__(self, m: GatewayMetrics, method: str, model: str,
-                 context: grpc.aio.ServicerContext) -> None:
-        self._m, self._labels, self._context = m, (method, model), context
+    def __init__(self, m: GatewayMetrics, method: str, model: str, protocol: str,
+                 context: grpc.aio.ServicerContext | None) -> None:
+        self._m, self._labels, self._context = m, (method, model, protocol), context
         self._started = 0.0
+        self.code: str | None = None
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> _Observation:
         self._started = time.perf_counter()
         self._m.in_flight.labels(*self._labels).inc()
+        return self
 
     def __exit__(self, kind: type[BaseException] | None, failure: BaseException | None,
                  tb: Any) -> None:
         self._m.in_flight.labels(*self._labels).dec()
         self._m.latency.labels(*self._labels).observe(time.perf_counter() - self._started)
-        self._m.requests.labels(*self._labels, _code(self._context, failure)).inc()
+        self._m.requests.labels(*self._labels, self.code or _code(self._context, failure)).inc()

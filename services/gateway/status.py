@@ -81,3 +81,22 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
     """End the RPC with the status of ``exc`` (raises, as ``context.abort`` does)."""
     status = status_of(exc)
     await context.abort(status.code, status.message, trailing_metadata=status.trailers())
+
+
+# the same table for HTTP (the Open Inference Protocol's REST endpoint): a status code
+# per gRPC code; CANCELLED is the client closing its request (nginx's 499)
+HTTP_STATUS: dict[grpc.StatusCode, int] = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+}
+
+
+def http_status(status: Status) -> int:
+    return HTTP_STATUS.get(status.code, 500)

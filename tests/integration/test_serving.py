@@ -1,6 +1,7 @@
 """Integration: a real local Ray cluster, the Serve application with all six families, the
 gRPC gateway on 127.0.0.1 and real clients. Reruns the RPC contract of
-tests/unit/test_gateway.py through Ray, then checks what only a cluster has: dynamic
+tests/unit/test_gateway.py and the Open Inference Protocol v2 tests of tests/unit/test_oip.py
+through Ray, then checks what only a cluster has: dynamic
 batching, backpressure, cancellation, rollout under load, scaling."""
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ from tests.helpers import GatewayThread, scrape_ray_metrics, tiny_store
 from tests.unit.test_gateway import *  # noqa: F403
 from tests.unit.test_gateway import FAMILY_NAMES
 
+# and the Open Inference Protocol v2 tests, with the real v2 clients (same fixtures)
+from tests.unit.test_oip import *  # noqa: F403
+
 pytestmark = pytest.mark.integration
 
 
@@ -57,7 +61,8 @@ def app(ray_cluster: None, store_root: Path) -> Iterator[ModelStore]:
 @pytest.fixture(scope="module")
 def gateway(app: ModelStore) -> Iterator[GatewayThread]:
     thread = GatewayThread(lambda: ServeBackend("genfleet"),
-                           GatewayConfig(host="127.0.0.1", port=0, health_interval_s=0.5))
+                           GatewayConfig(host="127.0.0.1", port=0, http_port=0,
+                                         health_interval_s=0.5))
     yield thread
     thread.stop()
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import trustme
 
 from services.gateway.client import GenfleetClient
 from services.gateway.grpc_server import GatewayConfig
@@ -60,22 +59,6 @@ def test_auth_off_accepts_anonymous_calls(store_root: Path) -> None:
 
 
 # -------------------------------------------------------------------------- TLS
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    ca = trustme.CA()
-    out = tmp_path_factory.mktemp("pki")
-    server = ca.issue_cert("127.0.0.1", "localhost")
-    client = ca.issue_cert("client@genfleet")
-    paths = {"ca": out / "ca.pem", "cert": out / "server.pem", "key": out / "server.key",
-             "client_cert": out / "client.pem", "client_key": out / "client.key"}
-    ca.cert_pem.write_to_path(str(paths["ca"]))
-    server.cert_chain_pems[0].write_to_path(str(paths["cert"]))
-    server.private_key_pem.write_to_path(str(paths["key"]))
-    client.cert_chain_pems[0].write_to_path(str(paths["client_cert"]))
-    client.private_key_pem.write_to_path(str(paths["client_key"]))
-    return paths
-
-
 def test_tls(store_root: Path, pki: dict[str, Path]) -> None:
     gw = _gateway(store_root, tls_cert=pki["cert"], tls_key=pki["key"])
     try:
