@@ -36,6 +36,7 @@ from typing import Any
 from cluster.bench import print_table
 
 SERVICE = "genfleet.v1.GenerationService"
+GATEWAY_LABEL = "gateway (genfleet up: gRPC, coalescing, Ray driver)"
 
 
 # ------------------------------------------------------------------ the bare server
@@ -95,7 +96,7 @@ def _label(cmdline: str, own: dict[int, str], pid: int) -> str:
     if "ServeReplica:" in cmdline:
         return "replica " + cmdline.split("ServeReplica:", 1)[1].split()[0].split(".")[0]
     if "genfleet" in cmdline and (" up" in cmdline or " gateway" in cmdline):
-        return "gateway (genfleet up: gRPC, coalescing, Ray driver)"
+        return GATEWAY_LABEL
     if "ray" in cmdline or "raylet" in cmdline or "gcs_server" in cmdline:
         return "Ray and Serve (controller, GCS, raylet, agents)"
     return "other"

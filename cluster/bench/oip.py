@@ -28,8 +28,10 @@ from pathlib import Path
 from typing import Any
 
 from cluster.bench import print_table
+from cluster.bench.fastpath import GATEWAY_LABEL
 
 PROTOCOLS = ("native", "v2-grpc", "v2-rest")
+
 
 
 def _summary(latencies: list[float], done: int, errors: dict[str, int], duration_s: float
@@ -48,7 +50,7 @@ async def _closed_loop(call: Callable[[int], Awaitable[None]], concurrency: int,
                        code: Callable[[BaseException], str]) -> dict[str, Any]:
     latencies: list[float] = []
     errors: dict[str, int] = {}
-    done = [0]
+    done, calls = [0], [0]
     start = time.perf_counter()
     measure_from, stop_at = start + warmup_s, start + warmup_s + duration_s
 
@@ -62,6 +64,7 @@ async def _closed_loop(call: Callable[[int], Awaitable[None]], concurrency: int,
             except failure as exc:
                 status = code(exc)
             t1 = time.perf_counter()
+            calls[0] += 1
             if measure_from <= t1 <= stop_at:
                 if status == "OK":
                     done[0] += 1
@@ -71,7 +74,11 @@ async def _closed_loop(call: Callable[[int], Awaitable[None]], concurrency: int,
                     errors[status] = errors.get(status, 0) + 1
 
     await asyncio.gather(*(caller(i) for i in range(concurrency)))
-    return _summary(latencies, done[0], errors, duration_s)
+    result = _summary(latencies, done[0], errors, duration_s)
+    result["calls_total"] = calls[0]
+    cpu = os.times()
+    result["client_cpu_s"] = cpu.user + cpu.system
+    return result
 
 
 async def _client(protocol: str, target: str, model: str, concurrency: int, duration_s: float,
@@ -131,14 +138,28 @@ async def _client(protocol: str, target: str, model: str, concurrency: int, dura
 
 def run_client(protocol: str, target: str, model: str, concurrency: int, duration_s: float,
                warmup_s: float, token: str | None) -> dict[str, Any]:
-    proc = subprocess.run(
+    """One protocol's client in a process of its own; with ``/proc``, also the CPU ms per
+    call of every process while it ran (``cpu_ms_per_call``, by process label: the
+    gateway's own cost per protocol, and the client's)."""
+    from cluster.bench.fastpath import cpu_per_call, cpu_snapshot
+
+    measured = Path("/proc/self/stat").exists()
+    before = cpu_snapshot() if measured else {}
+    proc = subprocess.Popen(
         [sys.executable, "-m", "cluster.bench.oip", "_client", protocol, target, model,
          str(concurrency), str(duration_s), str(warmup_s)],
-        capture_output=True, text=True, timeout=duration_s + warmup_s + 300, check=False,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         env={**os.environ, **({"GENFLEET_TOKEN": token} if token else {})})
+    stdout, stderr = proc.communicate(timeout=duration_s + warmup_s + 300)
     if proc.returncode != 0:
-        raise RuntimeError(f"the {protocol} client failed: {proc.stderr[-2000:]}")
-    result: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+        raise RuntimeError(f"the {protocol} client failed: {stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(stdout.strip().splitlines()[-1])
+    if measured:
+        after = cpu_snapshot()
+        calls = max(1, int(result.pop("calls_total")))
+        costs = cpu_per_call(before, after, calls)
+        costs["client (this benchmark)"] = 1000 * result.pop("client_cpu_s") / calls
+        result["cpu_ms_per_call"] = costs
     return result
 
 
@@ -161,6 +182,10 @@ def run(args: argparse.Namespace) -> int:
                               "calls_per_s_range": [min(calls), max(calls)],
                               "p50_ms": statistics.median(p50), "p50_ms_range": [min(p50), max(p50)],
                               "errors": [r["errors"] for r in runs[protocol]], "runs": runs[protocol]}
+            gateway = [r["cpu_ms_per_call"].get(GATEWAY_LABEL, float("nan")) for r in runs[protocol]
+                       if "cpu_ms_per_call" in r]
+            if gateway:
+                case[protocol]["gateway_cpu_ms_per_call"] = statistics.median(gateway)
         base = case["native"]
         for protocol in PROTOCOLS:
             c = case[protocol]
@@ -172,6 +197,9 @@ def run(args: argparse.Namespace) -> int:
                          f"{c['calls_ratio_vs_native']:.2f}x native (rounds {lo:.0f}-{hi:.0f})"))
             rows.append((f"{args.model} {n} callers {protocol} p50 ms", f"{c['p50_ms']:.1f}",
                          f"{c['p50_ratio_vs_native']:.2f}x native"))
+            if "gateway_cpu_ms_per_call" in c:
+                rows.append((f"{args.model} {n} callers {protocol} gateway CPU ms/call",
+                             f"{c['gateway_cpu_ms_per_call']:.2f}", ""))
         report["cases"][str(n)] = case
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
