@@ -325,7 +325,13 @@ def test_the_gateway_is_wired_to_the_cluster_probes_and_secrets(directory: str) 
     assert args.join == f"{_one(docs, 'RayService')['metadata']['name']}-head-svc:6379"
     assert args.host == "0.0.0.0"
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": args.port, "health": args.health_port, "metrics": args.metrics_port}
+    assert ports == {"grpc": args.port, "http": args.http_port, "health": args.health_port,
+                     "metrics": args.metrics_port}
+    # both services expose gRPC (native and OIP v2) and the v2 REST port
+    for name in ("genfleet-gateway", "genfleet-gateway-headless"):
+        service = {p["name"]: p for p in _one(docs, "Service", name)["spec"]["ports"]}
+        assert {n: (p["port"], p["targetPort"]) for n, p in service.items()} == {
+            "grpc": (args.port, "grpc"), "http": (args.http_port, "http")}
     # probes: plaintext health port; liveness never depends on the models, readiness does
     for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
         assert container[probe]["grpc"]["port"] == args.health_port
