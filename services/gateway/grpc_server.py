@@ -474,7 +474,7 @@ class Gateway:
         pb_grpc.add_GenerationServiceServicer_to_server(
             GenerationServicer(self.backend, c, self.calls), server)
         v2_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(
-            self.v2, self.calls.run, c.max_message_bytes, self.admission, self.metrics,
+            self.v2, self.calls, c.max_message_bytes, self.admission, self.metrics,
             c.stream_parallel), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = [SERVICE, V2_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,

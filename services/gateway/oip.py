@@ -514,7 +514,10 @@ class Service:
         return info
 
     async def model_ready(self, model: str, version: str) -> bool:
-        """Raises ModelNotFound for a name (or version) that is not served."""
+        """Raises ModelNotFound for a name (or version) that is not served (while the
+        server is ready: otherwise no model is)."""
+        if not self._ready(None):
+            return False
         info = await self._info(model, version)
         return self._ready(info.name)
 

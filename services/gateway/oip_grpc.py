@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2_grpc as v2_grpc
 from services.core.errors import InvalidArgument, ModelNotFound
 from services.gateway import oip
 from services.gateway.metrics import GatewayMetrics
-from services.gateway.status import status_of
+from services.gateway.status import abort, status_of
 
 SERVICE = v2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 PROTOCOL = "v2-grpc"
@@ -114,14 +114,15 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
     """``inference.GRPCInferenceService`` in front of ``oip.Service``.
 
-    ``run(context, call)``: the gateway's ``Calls.run`` (status table, lost backend);
-    ``admit(size)`` / ``release(size)``: its admission bounds, for each stream message.
+    ``calls``: the gateway's ``Calls`` (``run``: the status table; ``guard``: a lost
+    backend ends the call); ``admission``: its bounds, which each stream message passes too.
     """
 
-    def __init__(self, service: oip.Service, run: Callable[..., Any], limit: int,
+    def __init__(self, service: oip.Service, calls: Any, limit: int,
                  admission: Any, metrics: GatewayMetrics, parallel: int) -> None:
         self._service = service
-        self._run = run
+        self._calls = calls
+        self._run: Callable[..., Any] = calls.run
         self._limit = limit
         self._admission = admission
         self._metrics = metrics
@@ -137,14 +138,13 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
 
     async def ModelReady(self, request: v2.ModelReadyRequest,
                          context: grpc.aio.ServicerContext) -> v2.ModelReadyResponse:
-        async def call() -> v2.ModelReadyResponse:
-            try:
-                ready = await self._service.model_ready(request.name, request.version)
-            except ModelNotFound:
-                ready = False  # Triton's answer for a model it does not serve
-            return v2.ModelReadyResponse(ready=ready)
-        result: v2.ModelReadyResponse = await self._run(context, call)
-        return result
+        try:  # a readiness question is answered, also while the gateway is lost
+            ready = await self._service.model_ready(request.name, request.version)
+        except ModelNotFound:
+            ready = False  # Triton's answer for a model it does not serve
+        except Exception as exc:
+            await abort(context, exc)
+        return v2.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: v2.ServerMetadataRequest,
                              context: grpc.aio.ServicerContext) -> v2.ServerMetadataResponse:
@@ -195,8 +195,9 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
                         size = self._admission.admit(request.ByteSize())
                         try:
                             req = request_from_pb(request, _deadline(context), self._limit)
+                            result = await self._calls.guard(lambda: self._service.infer(req))
                             reply = v2.ModelStreamInferResponse(
-                                infer_response=response_to_pb(await self._service.infer(req)))
+                                infer_response=response_to_pb(result))
                         finally:
                             self._admission.release(size)
                     except asyncio.CancelledError:

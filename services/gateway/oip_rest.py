@@ -283,7 +283,7 @@ class RestServer:
 
     async def _model_ready(self, request: web.Request) -> web.Response:
         model, version = request.match_info["model"], request.match_info.get("version", "")
-        ready = await self._calls.guard(lambda: self._service.model_ready(model, version))
+        ready = await self._service.model_ready(model, version)
         return json_response({"name": model, "ready": ready}, 200 if ready else 503)
 
     async def _model_metadata(self, request: web.Request) -> web.Response:

@@ -87,6 +87,32 @@ def test_concurrent_requests_share_batches_and_stay_identical(gateway: GatewayTh
     assert max(k for k, v in new_batches.items() if v > 0) > 1, new_batches
 
 
+def test_v2_calls_share_batches_with_native_ones(gateway: GatewayThread) -> None:
+    """OIP v2 calls take the native path: coalesced and batched with native calls, each
+    with the bytes it has alone."""
+    import tritonclient.grpc as tgrpc
+
+    def v2_generate(client: Any, seed: int) -> bytes:
+        inputs = [tgrpc.InferInput("SEED", [1], "UINT64")]
+        inputs[0].set_data_from_numpy(np.array([seed], np.uint64))
+        return bytes(client.infer("gan", inputs).as_numpy("SAMPLES").tobytes())
+
+    v2 = tgrpc.InferenceServerClient(gateway.target)
+    with GenfleetClient(gateway.target, retries=0) as native:
+        alone = {s: native.generate("gan", 1, seed=s).samples.tobytes() for s in range(16)}  # type: ignore[union-attr]
+        handle = serve.get_deployment_handle("gan", "genfleet")
+        before = handle.batch_sizes.remote().result()
+        with ThreadPoolExecutor(16) as pool:
+            together = list(pool.map(
+                lambda s: v2_generate(v2, s) if s % 2 else
+                native.generate("gan", 1, seed=s).samples.tobytes(), range(16)))  # type: ignore[union-attr]
+        after = handle.batch_sizes.remote().result()
+    v2.close()
+    assert together == [alone[s] for s in range(16)]
+    new_batches = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    assert max(k for k, v in new_batches.items() if v > 0) > 1, new_batches
+
+
 def test_direct_handle_calls_are_batched_too(app: ModelStore) -> None:
     """Callers other than the gateway (one request per call) share ``@serve.batch``."""
     from services.core import api

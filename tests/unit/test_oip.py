@@ -447,3 +447,60 @@ def test_v2_kserve_sdk_clients(gateway: GatewayThread, native: GenfleetClient) -
     assert got["grpc_metadata"]["name"] == "vae" and got["grpc_id"] == "kserve-1"
     assert ["SAMPLES", "FP32", [-1, 1, 8, 8]] in got["grpc_metadata"]["outputs"]
     assert got["rest_error"][0] == 400 and "num_samples" in got["rest_error"][1]
+
+
+def test_v2_mutual_tls_on_both_transports(store_root: Path, pki: dict[str, Path]) -> None:
+    gw = GatewayThread(lambda: InProcessBackend(store_root, ["gan"]),
+                       GatewayConfig(host="127.0.0.1", port=0, http_port=0, tls_cert=pki["cert"],
+                                     tls_key=pki["key"], tls_client_ca=pki["ca"]))
+    mine = {"private_key": str(pki["client_key"]), "certificate_chain": str(pki["client_cert"])}
+    try:
+        g = tgrpc.InferenceServerClient(gw.target, ssl=True, root_certificates=str(pki["ca"]),
+                                        **mine)
+        assert g.infer("gan", _gen(tgrpc)).as_numpy("SAMPLES").shape[0] == 1
+        g.close()
+        http = f"127.0.0.1:{gw.gateway.http_port}"
+        h = thttp.InferenceServerClient(http, ssl=True, ssl_options={
+            "ca_certs": str(pki["ca"]), "certfile": str(pki["client_cert"]),
+            "keyfile": str(pki["client_key"])})
+        assert h.infer("gan", _gen(thttp)).as_numpy("SAMPLES").shape[0] == 1
+        h.close()
+        no_cert = thttp.InferenceServerClient(http, ssl=True, network_timeout=5,
+                                              connection_timeout=5,
+                                              ssl_options={"ca_certs": str(pki["ca"])})
+        with pytest.raises(Exception):  # noqa: B017 - the handshake fails: no answer at all
+            no_cert.infer("gan", _gen(thttp))
+        no_cert.close()
+    finally:
+        gw.stop()
+
+
+def test_v2_body_limit_and_readiness_follow_the_gateway(store_root: Path) -> None:
+    """A REST body over the message limit is 413 before it is read whole; when what the
+    gateway serves from is lost, v2 readiness says so at once and calls are UNAVAILABLE."""
+    gw = GatewayThread(lambda: InProcessBackend(store_root, ["gan", "flow"]),
+                       GatewayConfig(host="127.0.0.1", port=0, http_port=0,
+                                     max_message_bytes=64 * 1024))
+    try:
+        big = {"inputs": [{"name": "DATA", "shape": [300, 1, 8, 8], "datatype": "FP32",
+                           "data": [0.5] * (300 * 64)}]}
+        status, headers, doc = _post(gw, "/v2/models/flow.score/infer", big)
+        assert status == 413 and "65536" in doc["error"]
+        g = tgrpc.InferenceServerClient(gw.target)
+        assert g.is_server_ready() and g.is_model_ready("gan") and g.is_model_ready("flow.score")
+        gw.run(gw.gateway.lose("the Ray head died"))
+        assert not g.is_server_ready() and not g.is_model_ready("gan")
+        with pytest.raises(InferenceServerException) as info:
+            g.infer("gan", _gen(tgrpc))
+        assert info.value.status() == "StatusCode.UNAVAILABLE"
+        assert "Ray head" in info.value.message()
+        g.close()
+        request = urllib.request.Request(f"http://127.0.0.1:{gw.gateway.http_port}/v2/health/ready")
+        with pytest.raises(urllib.error.HTTPError) as http_info:
+            urllib.request.urlopen(request, timeout=10)
+        assert http_info.value.code == 503
+        body = {"inputs": [{"name": "NUM_SAMPLES", "shape": [1], "datatype": "INT64", "data": [1]}]}
+        status, headers, doc = _post(gw, "/v2/models/gan/infer", body)
+        assert status == 503 and "Ray head" in doc["error"] and "Retry-After" in headers
+    finally:
+        gw.stop()
