@@ -35,7 +35,7 @@ from services.core import api
 from services.core.errors import InvalidArgument, ModelNotFound, UnsupportedOperation
 from services.core.options import MAX_OPTIONS
 from services.gateway.backend import Backend
-from services.gateway.codec import MAX_TENSOR_ELEMENTS, MAX_TENSOR_RANK
+from services.gateway.codec import MAX_LABELS, MAX_TENSOR_ELEMENTS, MAX_TENSOR_RANK
 
 SERVER_NAME = "genfleet"
 # what this server implements beyond the core protocol (ServerMetadata.extensions)
@@ -340,6 +340,8 @@ def _labels(tensor: Tensor | None) -> tuple[int, ...]:
         return ()
     if tensor.datatype not in _INTEGERS:
         raise InvalidArgument("inputs[LABELS]", f"must be integers (INT64), got {tensor.datatype}")
+    if tensor.data.size > MAX_LABELS:
+        raise InvalidArgument("inputs[LABELS]", f"at most {MAX_LABELS} labels, got {tensor.data.size}")
     return tuple(int(v) for v in tensor.data.reshape(-1))
 
 
