@@ -380,12 +380,19 @@ def test_lanes_carry_generate_groups_with_identical_results(gateway: GatewayThre
                 break
             time.sleep(0.5)
         assert listed.get("gan"), listed
-        time.sleep(1.5)  # the gateway's lane listing refreshes every second
+        # the gateway's lane listing refreshes in the background (stale-while-revalidate,
+        # every second): calls go by handle until it has a client for the new lane
+        backend: Any = gateway.gateway.backend
+        port = listed["gan"][0]["port"]
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not any(a.port == port
+                                                      for a in list(backend._lane_clients)):
+            client.generate("gan", 1, seed=99)
+            time.sleep(0.2)
+        assert any(a.port == port for a in list(backend._lane_clients))
         with ThreadPoolExecutor(12) as pool:
             together = list(pool.map(lambda s: client.generate("gan", 2, seed=s).samples,
                                      range(12)))
-        backend: Any = gateway.gateway.backend
-        assert any(a.port == listed["gan"][0]["port"] for a in backend._lane_clients)
         config.models["gan"].lane = False
         operations.deploy(config, app)
     for a, b in zip(alone, together, strict=True):
