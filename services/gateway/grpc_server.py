@@ -489,9 +489,14 @@ class Gateway:
             creds = grpc.ssl_server_credentials(
                 [(c.tls_key.read_bytes(), c.tls_cert.read_bytes())], root_certificates=ca,
                 require_client_auth=ca is not None)
-            self.port = server.add_secure_port(address, creds)
         else:
-            self.port = server.add_insecure_port(address)
+            creds = None
+        try:
+            self.port = (server.add_secure_port(address, creds) if creds is not None
+                         else server.add_insecure_port(address))
+        except RuntimeError as exc:  # grpc: "Failed to bind"
+            raise InvalidArgument("--port", f"cannot listen on {address} ({exc}); is another "
+                                            f"server using it?") from None
         await server.start()
         self._server = server
         if c.health_port is not None:
@@ -506,7 +511,11 @@ class Gateway:
             from services.gateway.oip_rest import RestServer
 
             self.rest = RestServer(self.v2, c, self.calls, self.admission, self.metrics)
-            self.http_port = await self.rest.start()
+            try:
+                self.http_port = await self.rest.start()
+            except InvalidArgument:
+                await self.stop(0)  # what started so far: its ports are released
+                raise
         await self._refresh_health()
         self._health_task = asyncio.create_task(self._health_loop())
         log.info("gateway listening on %s:%d", c.host, self.port)

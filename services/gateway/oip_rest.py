@@ -222,7 +222,14 @@ class RestServer:
                                      shutdown_timeout=10.0)
         await self._runner.setup()
         site = web.TCPSite(self._runner, c.host, c.http_port, ssl_context=context)
-        await site.start()
+        try:
+            await site.start()
+        except OSError as exc:
+            await self._runner.cleanup()
+            self._runner = None
+            raise InvalidArgument("--http-port", f"cannot listen on {c.host}:{c.http_port} "
+                                                 f"({exc.strerror}); choose another port, or -1 "
+                                                 f"for no REST endpoint") from None
         self.port = int(self._runner.addresses[0][1])
         return self.port
 

@@ -504,3 +504,25 @@ def test_v2_body_limit_and_readiness_follow_the_gateway(store_root: Path) -> Non
         assert status == 503 and "Ray head" in doc["error"] and "Retry-After" in headers
     finally:
         gw.stop()
+
+
+@pytest.mark.parametrize("flag", ["--port", "--http-port"])
+def test_a_port_in_use_is_one_clear_error(store_root: Path, flag: str) -> None:
+    import asyncio
+    import socket
+
+    from services.core.errors import InvalidArgument
+    from services.gateway.grpc_server import Gateway
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    busy = taken.getsockname()[1]
+    ports = {"port": busy, "http_port": 0} if flag == "--port" else {"port": 0, "http_port": busy}
+    gateway = Gateway(InProcessBackend(store_root, ["gan"]),
+                      GatewayConfig(host="127.0.0.1", **ports))
+    try:
+        with pytest.raises(InvalidArgument, match=f"^{flag}: cannot listen on 127.0.0.1:{busy}"):
+            asyncio.run(gateway.start())
+    finally:
+        taken.close()
