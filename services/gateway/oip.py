@@ -303,6 +303,25 @@ def metadata(info: api.ModelInfo, model: str) -> ModelMetadata:
     return ModelMetadata(model, (str(info.version),), f"genfleet_{info.family}", inputs, outputs)
 
 
+_REQUIRED = ("DATA", "LATENTS")  # every other input has a default
+
+
+def model_config(meta: ModelMetadata) -> dict[str, Any]:
+    """Triton's model configuration for a v2 model (its JSON form), for the tools that
+    read it (perf_analyzer, Triton-aware clients): no batch dimension of Triton's own
+    (``max_batch_size`` 0: the shapes are whole, their first dimension the batch), and
+    which inputs may be left out."""
+    def tensor(t: TensorMeta, optional: bool | None = None) -> dict[str, Any]:
+        kind = "STRING" if t.datatype == BYTES else t.datatype
+        out: dict[str, Any] = {"name": t.name, "data_type": f"TYPE_{kind}", "dims": list(t.shape)}
+        if optional is not None:
+            out["optional"] = optional
+        return out
+    return {"name": meta.name, "platform": meta.platform, "max_batch_size": 0,
+            "input": [tensor(t, t.name not in _REQUIRED) for t in meta.inputs],
+            "output": [tensor(t) for t in meta.outputs]}
+
+
 # ------------------------------------------------------------------ requests
 def _inputs(req: InferRequest, meta: ModelMetadata, required: tuple[str, ...]
             ) -> dict[str, Tensor]:
@@ -525,6 +544,9 @@ class Service:
 
     async def model_metadata(self, model: str, version: str) -> ModelMetadata:
         return metadata(await self._info(model, version), model)
+
+    async def model_config(self, model: str, version: str) -> dict[str, Any]:
+        return model_config(await self.model_metadata(model, version))
 
     async def index(self) -> list[tuple[str, str, bool]]:
         """Every v2 model: (name, version, ready)."""

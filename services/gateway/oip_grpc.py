@@ -4,9 +4,9 @@ tritonclient ships (the KServe SDK's is wire-identical): this module only transl
 messages to and from ``oip``'s types; ``oip.Service`` does the work.
 
 Served: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer,
-ModelStreamInfer (one response per request, in completion order, with the request's id)
-and RepositoryIndex. Triton's other RPCs (model control, shared memory, statistics,
-traces) answer UNIMPLEMENTED.
+ModelStreamInfer (one response per request, in completion order, with the request's id),
+RepositoryIndex and ModelConfig (Triton's, for the tools that read it). Triton's other
+RPCs (model control, shared memory, statistics, traces) answer UNIMPLEMENTED.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
+from google.protobuf import json_format
+from tritonclient.grpc import model_config_pb2
 from tritonclient.grpc import service_pb2 as v2
 from tritonclient.grpc import service_pb2_grpc as v2_grpc
 
@@ -157,6 +159,15 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
             return _metadata_to_pb(await self._service.model_metadata(request.name,
                                                                       request.version))
         result: v2.ModelMetadataResponse = await self._run(context, call)
+        return result
+
+    async def ModelConfig(self, request: v2.ModelConfigRequest,
+                          context: grpc.aio.ServicerContext) -> v2.ModelConfigResponse:
+        async def call() -> v2.ModelConfigResponse:
+            config = await self._service.model_config(request.name, request.version)
+            return v2.ModelConfigResponse(
+                config=json_format.ParseDict(config, model_config_pb2.ModelConfig()))
+        result: v2.ModelConfigResponse = await self._run(context, call)
         return result
 
     async def RepositoryIndex(self, request: v2.RepositoryIndexRequest,

@@ -4,6 +4,7 @@ the JSON tensor format and Triton's binary tensor data extension, translated to 
 
 Routes: ``GET /v2``, ``/v2/health/live``, ``/v2/health/ready``,
 ``/v2/models/{m}[/versions/{v}]``, ``/v2/models/{m}[/versions/{v}]/ready``,
+``/v2/models/{m}[/versions/{v}]/config`` (Triton's model configuration),
 ``POST /v2/models/{m}[/versions/{v}]/infer`` and ``POST /v2/repository/index``.
 Errors are ``{"error": "<message>"}`` with the HTTP status of the gateway's status table
 (``status.HTTP_STATUS``); a retryable one carries ``Retry-After``. The same token (``Bearer``;
@@ -205,6 +206,7 @@ class RestServer:
         for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
             r.add_get(base, self._model_metadata)
             r.add_get(f"{base}/ready", self._model_ready)
+            r.add_get(f"{base}/config", self._model_config)
             r.add_post(f"{base}/infer", self._infer)
         r.add_post("/v2/repository/index", self._index)
         return app
@@ -243,6 +245,8 @@ class RestServer:
         path = request.path
         if path.endswith("/infer"):
             return "ModelInfer"
+        if path.endswith("/config"):
+            return "ModelConfig"
         if path.endswith("/ready"):
             return "ServerReady" if path.startswith("/v2/health") else "ModelReady"
         if path == "/v2/health/live":
@@ -297,6 +301,11 @@ class RestServer:
         model, version = request.match_info["model"], request.match_info.get("version", "")
         meta = await self._calls.guard(lambda: self._service.model_metadata(model, version))
         return json_response(_metadata_json(meta))
+
+    async def _model_config(self, request: web.Request) -> web.Response:
+        model, version = request.match_info["model"], request.match_info.get("version", "")
+        config = await self._calls.guard(lambda: self._service.model_config(model, version))
+        return json_response(config)
 
     async def _index(self, request: web.Request) -> web.Response:
         body = await request.read()

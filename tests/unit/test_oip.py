@@ -158,6 +158,22 @@ def test_v2_model_metadata_states_each_endpoint(v2_grpc: Any, v2_http: Any,
             assert info_exc.value.status() == "404"
 
 
+def test_v2_model_config_for_triton_tools(v2_grpc: Any, v2_http: Any,
+                                          infos: dict[str, pb.ModelInfo]) -> None:
+    config = v2_http.get_model_config("flow.score")
+    assert config == v2_grpc.get_model_config("flow.score", as_json=True)["config"] | {
+        "max_batch_size": config["max_batch_size"], "input": config["input"],
+        "output": config["output"]}
+    assert config["max_batch_size"] == 0 and config["platform"] == "genfleet_flow"
+    data = {t["name"]: t for t in config["input"]}
+    assert data["DATA"]["data_type"] == "TYPE_FP32" and not data["DATA"].get("optional")
+    assert [int(d) for d in data["DATA"]["dims"]] == [-1, *infos["flow"].sample_shape]
+    assert data["LABELS"]["optional"] is True
+    generate = v2_grpc.get_model_config("gan", as_json=True)["config"]
+    assert all(t.get("optional") for t in generate["input"])
+    assert {t["name"]: t["data_type"] for t in generate["output"]}["PNG"] == "TYPE_STRING"
+
+
 # ------------------------------------------------------------ the same bytes as native
 @pytest.mark.parametrize("which", CLIENTS)
 @pytest.mark.parametrize("family", FAMILIES_V2)
