@@ -24,7 +24,7 @@ import torch
 from services.core.data import load_digits
 from services.core.store import ModelStore
 from services.gateway.grpc_server import Backend, BatchBackend, Gateway, GatewayConfig
-from services.models import FAMILIES, build
+from services.models import BUILTIN, build
 from services.training.loop import TrainConfig, Trainer
 from tests.conftest import TINY_CONFIGS
 
@@ -35,9 +35,9 @@ def tiny_store(root: Path, families: list[str] | None = None, steps: int = 15) -
     data = load_digits()
     x = torch.from_numpy(data.as_float()[:64])
     y = torch.from_numpy(data.labels[:64])  # type: ignore[index]
-    for family in families or sorted(FAMILIES):
+    for family in families or sorted(BUILTIN):
         torch.manual_seed(0)
-        model = build(family, TINY_CONFIGS[family])
+        model = build(family, TINY_CONFIGS.get(family))  # a plugin: its own defaults
         model.prepare(x, y)
         trainer = Trainer(model, TrainConfig(lr=3e-3))
         for _ in range(steps):
@@ -152,7 +152,9 @@ def genfleet_up(base: Path, *flags: str, timeout_s: float = 300.0) -> Iterator[d
     exe = Path(sys.executable).parent / "genfleet"
     log_path = base / "up.log"
     with log_path.open("w") as log:
-        proc = subprocess.Popen([str(exe), "--store", str(base / "store"), "up", *flags],
+        # port 0 for the v2 REST endpoint unless the caller says otherwise (flags come last)
+        proc = subprocess.Popen([str(exe), "--store", str(base / "store"), "up",
+                                 "--http-port", "0", *flags],
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         state_file = base / "run" / "up.json"
         try:

@@ -85,7 +85,7 @@ class GatewayProcess:
         self._log = log_path.open("w")
         self.proc = subprocess.Popen(
             [GENFLEET, "gateway", "--address", gcs_address, "--app", app, "--port", "0",
-             "--metrics-port", "-1", "--grace", "2", *extra],
+             "--http-port", "-1", "--metrics-port", "-1", "--grace", "2", *extra],
             stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
         port = wait_for(self._port, 120, f"gateway for {app} to listen")
         self.target = f"127.0.0.1:{port}"
@@ -442,7 +442,7 @@ def head_kill(store_root: Path, workdir: Path, model: str = "gan", *, count: int
     with log_path.open("w") as log:
         proc = subprocess.Popen(
             [GENFLEET, "--store", str(store_root), "up", "--models", model, "--port", "0",
-             "--metrics-port", "-1", "--ray-metrics-port", "-1", "--num-cpus", "4",
+             "--http-port", "-1", "--metrics-port", "-1", "--ray-metrics-port", "-1", "--num-cpus", "4",
              "--grace", "2"],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:

@@ -97,7 +97,7 @@ def _start_up(store_root: Path, port: int) -> tuple[subprocess.Popen[bytes], flo
     t0 = time.perf_counter()
     proc = subprocess.Popen(
         [sys.executable, "-m", "cluster.cli", "--store", str(store_root), "-q", "up",
-         "--port", str(port), "--models", *MODELS],
+         "--port", str(port), "--http-port", "-1", "--models", *MODELS],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     with GenfleetClient(f"127.0.0.1:{port}", retries=0, timeout=5) as client:
         while time.perf_counter() - t0 < 180:

@@ -102,7 +102,7 @@ def gateway(deployed: ModelStore, certs: dict[str, Path]) -> Iterator[GatewayPro
 
     exe = str(Path(sys.executable).parent / "genfleet")
     argv = [exe, "gateway", f"--address={ray.get_runtime_context().gcs_address}",
-            f"--app={APP}", "--host=127.0.0.1", "--port=0", "--health-port=0",
+            f"--app={APP}", "--host=127.0.0.1", "--port=0", "--http-port=0", "--health-port=0",
             "--metrics-port=-1", f"--tls-cert={certs['crt']}", f"--tls-key={certs['key']}",
             "--grace=5"]
     process = GatewayProcess(argv, {**os.environ, "GENFLEET_TOKEN": TOKEN})
