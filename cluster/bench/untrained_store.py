@@ -14,7 +14,7 @@ import torch
 
 from services.core.data import load_digits
 from services.core.store import ModelStore
-from services.models import FAMILIES, build
+from services.models import BUILTIN, build
 
 
 def main(root: str) -> None:
@@ -22,7 +22,7 @@ def main(root: str) -> None:
     data = load_digits()
     x = torch.from_numpy(data.as_float()[:256])
     y = torch.from_numpy(data.labels[:256])  # type: ignore[index]
-    for family in sorted(FAMILIES):
+    for family in sorted(BUILTIN):
         torch.manual_seed(0)
         model = build(family)
         model.prepare(x, y)  # data statistics (class prior, initialisers)

@@ -48,7 +48,26 @@ def _served_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _families() -> int:
+    """Every family this installation knows, where it comes from, and plugin problems."""
+    from services import models
+    from services.core.errors import InvalidArgument
+
+    print(f"{'family':<16}{'capabilities':<46}source")
+    for family in sorted(models.FAMILIES):
+        try:
+            capabilities = ", ".join(sorted(c.value for c in models.model_class(family).capabilities))
+        except InvalidArgument as exc:  # a plugin that does not load: listed, with why
+            capabilities = f"(does not load: {exc})"
+        print(f"{family:<16}{capabilities:<46}{models.family_source(family)}")
+    for problem in models.PLUGIN_PROBLEMS:
+        print(f"plugin problem: {problem}")
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
+    if args.families:
+        return _families()
     if args.served:
         return _served_models(args)
     store = open_store(args)
@@ -91,5 +110,8 @@ def add_parsers(sub: Any) -> None:
 
     p = sub.add_parser("models", help="list stored models (--served: ask the gateway)")
     p.add_argument("--served", action="store_true", help="ListModels through the gateway")
+    p.add_argument("--families", action="store_true",
+                   help="the families this installation knows: built-in and plugins "
+                        "(entry point group genfleet.families)")
     client_args(p)
     p.set_defaults(func=cmd_models)

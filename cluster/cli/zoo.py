@@ -16,14 +16,14 @@ def cmd_zoo(args: argparse.Namespace) -> int:
     from services.core import data as datasets
     from services.core.errors import ModelNotFound
     from services.evaluation.report import evaluate_model, write_grid
-    from services.models import FAMILIES, load_model
+    from services.models import BUILTIN, load_model
     from services.training.recipes import train_and_save
 
     threads(args.threads)
     store = open_store(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    families = args.families or sorted(FAMILIES)
+    families = args.families or sorted(BUILTIN)
     splits = datasets.split(datasets.load(args.data))
     results: dict[str, Any] = {}
     for family in families:

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from services.models import FAMILIES, Capability, build, sample_seeds
+from services.models import BUILTIN as FAMILIES
+from services.models import Capability, build, sample_seeds
 from services.training.loop import TrainConfig, Trainer
 from tests.conftest import TINY_CONFIGS
 

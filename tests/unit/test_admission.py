@@ -13,7 +13,7 @@ import pytest
 
 from services.core import api
 from services.core.errors import Overloaded
-from services.models import FAMILIES
+from services.models import BUILTIN as FAMILIES
 from services.serving.autoscaling import desired_replicas, requests_policy
 from services.serving.config import REQUESTS_POLICY, load_config
 from services.serving.engine import CancelToken, ReplicaEngine

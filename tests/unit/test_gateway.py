@@ -21,7 +21,7 @@ from services.gateway.client import GenfleetClient
 from services.gateway.grpc_server import GatewayConfig
 from services.gateway.pb.genfleet.v1 import generation_pb2 as pb
 from services.gateway.pb.genfleet.v1 import generation_pb2_grpc as pb_grpc
-from services.models import FAMILIES
+from services.models import BUILTIN as FAMILIES
 from services.serving.inprocess import InProcessBackend
 from tests.helpers import GatewayThread, tiny_store
 

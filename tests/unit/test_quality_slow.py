@@ -15,7 +15,8 @@ from services.core.store import ModelStore
 from services.evaluation.classifier import embed
 from services.evaluation.fid import frechet_distance
 from services.evaluation.report import evaluate_model, get_classifier
-from services.models import FAMILIES, load_model, model_class
+from services.models import BUILTIN as FAMILIES
+from services.models import load_model, model_class
 from services.training.recipes import train_and_save
 
 pytestmark = pytest.mark.slow

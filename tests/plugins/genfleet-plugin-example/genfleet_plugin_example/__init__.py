@@ -1,0 +1,1 @@
+"""An example genfleet plugin family (see factorized.py)."""
