@@ -382,6 +382,20 @@ class Admission(grpc.aio.ServerInterceptor):
         self.rpcs -= 1
         self.bytes -= size
 
+    def resize(self, old: int, new: int) -> int:
+        """A call admitted with ``old`` bytes holds ``new`` (a body whose length was not
+        known when it was admitted); returns ``new``.
+
+        Raises:
+            Overloaded: the bytes in flight would pass the bound (``old`` stays counted).
+        """
+        if self.bytes - old + new > self.max_bytes:
+            raise Overloaded(f"the gateway is at capacity: {self.bytes - old + new} request "
+                             f"bytes in flight (max {self.max_bytes}); retry with backoff",
+                             retry_after_s=self.RETRY_AFTER_S)
+        self.bytes += new - old
+        return new
+
     async def _admit(self, request: Any, context: grpc.aio.ServicerContext) -> int:
         try:
             return self.admit(int(request.ByteSize()))

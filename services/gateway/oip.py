@@ -41,6 +41,9 @@ SERVER_NAME = "genfleet"
 # what this server implements beyond the core protocol (ServerMetadata.extensions)
 EXTENSIONS = ("binary_tensor_data", "parameters")
 SEPARATOR = "."
+# a request (or response) larger than this is converted in a worker thread, so that a
+# big JSON body or a long list of typed values does not hold the event loop for long
+OFFLOAD_BYTES = 256 * 1024
 OPERATIONS = ("score", "encode", "decode")  # the suffixes; no suffix: generate
 _CAPABILITY = {"generate": "sample", "score": "log_prob", "encode": "encode", "decode": "decode"}
 
@@ -126,7 +129,11 @@ def _shape(shape: Sequence[int], field_name: str) -> tuple[tuple[int, ...], int]
     return dims, count
 
 
-def _dtype(datatype: str, field_name: str) -> np.dtype:
+def input_dtype(datatype: str, field_name: str) -> np.dtype:
+    """The numpy dtype of an input's datatype (inputs are numeric: no BYTES)."""
+    if datatype == BYTES:
+        raise InvalidArgument(f"{field_name}.datatype", "no genfleet input takes BYTES; inputs "
+                                                        "are numeric tensors")
     dtype = DATATYPES.get(datatype)
     if dtype is None:
         supported = [*DATATYPES, BYTES]
@@ -136,31 +143,15 @@ def _dtype(datatype: str, field_name: str) -> np.dtype:
 
 
 def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> Tensor:
-    """A tensor from its raw little-endian bytes (BYTES: 4-byte length-prefixed items).
+    """An input tensor from its raw little-endian bytes.
 
     Raises:
-        InvalidArgument: an unknown datatype, a bad shape, or bytes that do not fit it.
+        InvalidArgument: an unknown datatype (or BYTES: no genfleet input takes it), a bad
+            shape, or bytes that do not fit it.
     """
     field_name = f"inputs[{name[:40]}]"
     dims, count = _shape(shape, field_name)
-    if datatype == BYTES:
-        items: list[bytes] = []
-        at = 0
-        while at < len(raw):
-            if at + 4 > len(raw) or len(items) >= count:
-                break
-            (size,) = struct.unpack_from("<I", raw, at)
-            if at + 4 + size > len(raw):
-                break
-            items.append(bytes(raw[at + 4:at + 4 + size]))
-            at += 4 + size
-        if len(items) != count or at != len(raw):
-            raise InvalidArgument(f"{field_name}.data", f"is not {count} length-prefixed BYTES "
-                                                        f"items ({len(raw)} bytes)")
-        array = np.empty(count, dtype=object)
-        array[:] = items
-        return Tensor(name, datatype, dims, array.reshape(dims))
-    dtype = _dtype(datatype, field_name)
+    dtype = input_dtype(datatype, field_name)
     expected = count * dtype.itemsize
     if len(raw) != expected:
         raise InvalidArgument(f"{field_name}.data", f"shape {list(dims)} of {datatype} needs "
@@ -171,25 +162,18 @@ def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> Tens
 
 def from_values(name: str, datatype: str, shape: Sequence[int], values: Sequence[Any], *,
                 typed: bool = False) -> Tensor:
-    """A tensor from a flat sequence of values: REST JSON ``data``, or (``typed``) a gRPC
-    contents field, whose element type protobuf has checked already.
+    """An input tensor from a flat sequence of values: REST JSON ``data``, or (``typed``)
+    a gRPC contents field, whose element type protobuf has checked already.
 
     Raises:
         InvalidArgument: the values are not ``shape``'s count of ``datatype`` values.
     """
     field_name = f"inputs[{name[:40]}]"
     dims, count = _shape(shape, field_name)
+    dtype = input_dtype(datatype, field_name)
     if len(values) != count:
         raise InvalidArgument(f"{field_name}.data", f"shape {list(dims)} needs {count} values, "
                                                     f"got {len(values)}")
-    if datatype == BYTES:
-        items = [v.encode() if isinstance(v, str) else v for v in values]
-        if not all(isinstance(v, bytes) for v in items):
-            raise InvalidArgument(f"{field_name}.data", "BYTES values must be strings")
-        array = np.empty(count, dtype=object)
-        array[:] = items
-        return Tensor(name, datatype, dims, array.reshape(dims))
-    dtype = _dtype(datatype, field_name)
     if not typed:  # JSON: a string or a bool is no number (numpy would convert "1.5")
         kinds: tuple[type, ...] = ((bool,) if dtype.kind == "b" else
                                    (int,) if dtype.kind in "iu" else (int, float))
@@ -200,7 +184,7 @@ def from_values(name: str, datatype: str, shape: Sequence[int], values: Sequence
                                       f"{'/'.join(k.__name__ for k in kinds)}, got {type(v).__name__}")
     wide = {"b": np.bool_, "u": np.uint64, "i": np.int64}.get(dtype.kind, np.float64)
     try:
-        array = np.array(values, dtype=wide)
+        array: np.ndarray = np.array(values, dtype=wide)
     except (OverflowError, ValueError, TypeError) as exc:
         raise InvalidArgument(f"{field_name}.data", f"a value does not fit {datatype}: {exc}"
                               ) from None

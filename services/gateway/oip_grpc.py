@@ -34,7 +34,7 @@ PROTOCOL = "v2-grpc"
 _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
              "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
              "UINT16": "uint_contents", "UINT32": "uint_contents", "UINT64": "uint64_contents",
-             "FP32": "fp32_contents", "FP64": "fp64_contents", "BYTES": "bytes_contents"}
+             "FP32": "fp32_contents", "FP64": "fp64_contents"}
 MAX_PARAMETERS = 64
 
 
@@ -74,6 +74,7 @@ def request_from_pb(request: v2.ModelInferRequest, deadline: float | None,
         if raw:
             t = oip.from_raw(tensor.name, tensor.datatype, tensor.shape, raw[i])
         else:
+            oip.input_dtype(tensor.datatype, f"inputs[{tensor.name[:40]}]")  # known, numeric
             kind = _CONTENTS.get(tensor.datatype)
             if kind is None:
                 raise InvalidArgument(f"inputs[{tensor.name[:40]}]",
@@ -184,7 +185,9 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: v2.ModelInferRequest,
                          context: grpc.aio.ServicerContext) -> v2.ModelInferResponse:
         async def call() -> v2.ModelInferResponse:
-            req = request_from_pb(request, _deadline(context), self._limit)
+            args = (request, _deadline(context), self._limit)
+            req = (await asyncio.to_thread(request_from_pb, *args)
+                   if request.ByteSize() > oip.OFFLOAD_BYTES else request_from_pb(*args))
             return response_to_pb(await self._service.infer(req))
         result: v2.ModelInferResponse = await self._run(context, call)
         return result

@@ -14,6 +14,7 @@ liveness and readiness are exempt, as gRPC health is), TLS, admission bounds, de
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hmac
 import json
@@ -318,25 +319,40 @@ class RestServer:
 
     async def _infer(self, request: web.Request) -> web.Response:
         model, version = request.match_info["model"], request.match_info.get("version", "")
+        limit = self._config.max_message_bytes
+        if (request.content_length or 0) > limit:  # refused before a byte is read
+            raise web.HTTPRequestEntityTooLarge(max_size=limit,
+                                                actual_size=request.content_length or 0)
         size = self._admission.admit(request.content_length or 0)
         try:
             body = await request.read()
+            if len(body) > size:  # no Content-Length (chunked): count what came
+                size = self._admission.resize(size, len(body))
             split = request.headers.get(HEADER_LENGTH)
-            if split is None:
-                header_bytes, binary = body, b""
-            else:
-                if not split.isdigit() or int(split) > len(body):
-                    raise InvalidArgument(HEADER_LENGTH, f"must be the JSON header's length, "
-                                                         f"at most {len(body)}; got {split[:40]!r}")
-                header_bytes, binary = body[:int(split)], body[int(split):]
-            header = _json(header_bytes)
-            req = request_from_json(model, version, header, binary,
-                                    self._config.max_message_bytes)
-            wanted = _binary_outputs(header)
+
+            def decode() -> tuple[oip.InferRequest, dict[str, bool]]:
+                if split is None:
+                    header_bytes, binary = body, b""
+                else:
+                    if not split.isdigit() or int(split) > len(body):
+                        raise InvalidArgument(HEADER_LENGTH, f"must be the JSON header's length, "
+                                                             f"at most {len(body)}; got "
+                                                             f"{split[:40]!r}")
+                    header_bytes, binary = body[:int(split)], body[int(split):]
+                header = _json(header_bytes)
+                return (request_from_json(model, version, header, binary,
+                                          self._config.max_message_bytes),
+                        _binary_outputs(header))
+
+            req, wanted = (await asyncio.to_thread(decode) if len(body) > oip.OFFLOAD_BYTES
+                           else decode())
             response = await self._calls.guard(lambda: self._service.infer(req))
         finally:
             self._admission.release(size)
-        payload, json_length = response_body(response, wanted)
+        if sum(t.data.nbytes for t in response.outputs) > oip.OFFLOAD_BYTES:
+            payload, json_length = await asyncio.to_thread(response_body, response, wanted)
+        else:
+            payload, json_length = response_body(response, wanted)
         if json_length is None:
             return web.Response(body=payload, content_type=JSON_TYPE)
         return web.Response(body=payload, content_type="application/octet-stream",

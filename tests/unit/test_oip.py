@@ -323,10 +323,17 @@ BAD: dict[str, tuple[str, Any, dict[str, Any], grpc.StatusCode]] = {
                                          {}, grpc.StatusCode.INVALID_ARGUMENT),
     "sequence batching": ("gan", lambda m: _gen(m), {"sequence_id": 4},
                           grpc.StatusCode.INVALID_ARGUMENT),
+    "a BYTES input": ("gan", lambda m: _bytes_input(m), {}, grpc.StatusCode.INVALID_ARGUMENT),
     "deadline": ("ebm", lambda m: _gen(m, NUM_SAMPLES=np.array([256], np.int64)),
                  {"parameters": {"steps": 1000}, "timeout": 1},
                  grpc.StatusCode.DEADLINE_EXCEEDED),
 }
+def _bytes_input(module: Any) -> list[Any]:
+    tensor = module.InferInput("SEED", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([b"7"], dtype=np.object_))
+    return [tensor]
+
+
 HTTP = {grpc.StatusCode.NOT_FOUND: 404, grpc.StatusCode.INVALID_ARGUMENT: 400,
         grpc.StatusCode.DEADLINE_EXCEEDED: 504, grpc.StatusCode.UNAUTHENTICATED: 401,
         grpc.StatusCode.RESOURCE_EXHAUSTED: 429}
@@ -381,6 +388,20 @@ def test_v2_rest_errors_are_v2_error_json(gateway: GatewayThread, raw: bytes, pa
     got, headers, doc = _post(gateway, path, None, raw=raw)
     assert got == status and isinstance(doc.get("error"), str) and doc["error"]
     assert headers["Content-Type"].startswith("application/json")
+
+
+def test_v2_rest_large_json_bodies_are_answered(gateway: GatewayThread,
+                                                native: GenfleetClient) -> None:
+    """A JSON body past the size the gateway decodes on its event loop (it decodes it in a
+    worker thread) gives the same answer as the native API."""
+    x = np.tile(_images(8), (125, 1, 1, 1))  # 1,000 examples, ~0.6 MB of JSON
+    body = {"inputs": [{"name": "DATA", "shape": list(x.shape), "datatype": "FP32",
+                        "data": x.reshape(-1).tolist()}]}
+    assert len(json.dumps(body)) > 256 * 1024
+    status, _, doc = _post(gateway, "/v2/models/flow.score/infer", body)
+    assert status == 200, doc
+    out = {o["name"]: o for o in doc["outputs"]}
+    assert out["LOG_PROB"]["data"] == list(native.score("flow", x).log_prob)
 
 
 def test_v2_over_capacity_is_429_with_retry_after(gateway: GatewayThread, v2_grpc: Any) -> None:
