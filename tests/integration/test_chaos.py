@@ -34,8 +34,10 @@ def workdir(tmp_path: Path) -> Iterator[Path]:
 def test_a_killed_replica_costs_no_call(ray_cluster: None, store: ModelStore, workdir: Path,
                                         model: str, replicas: int) -> None:
     options = {"steps": 10} if model == "diffusion" else None
+    # one replica: the load runs on past its replacement (which took up to 20 s of a
+    # 2-core machine), so that calls flow again after it and are counted
     r = chaos.replica_kill(store, workdir, model, replicas=replicas, options=options,
-                           before_s=3.0, after_s=12.0)
+                           before_s=3.0, after_s=12.0 if replicas == 2 else 25.0)
     print(r.row())
     assert r.failed == 0, r.codes  # no error and every answer byte-identical
     assert r.calls > 50
