@@ -73,16 +73,27 @@ def array_to_tensor(array: np.ndarray) -> pb.Tensor:
 
 
 # ---------------------------------------------------------------- options
-def options_from_pb(options: Mapping[str, pb.OptionValue]) -> dict[str, Any]:
-    if len(options) > MAX_OPTIONS:
-        raise InvalidArgument("options", f"at most {MAX_OPTIONS} entries, got {len(options)}")
+def oneof_values(entries: Mapping[str, Any], oneof: str, field: str, limit: int
+                 ) -> dict[str, Any]:
+    """A protobuf map of messages with one ``oneof`` each -> name: the value set (the
+    native options, the v2 parameters).
+
+    Raises:
+        InvalidArgument: more than ``limit`` entries, or an entry with no value.
+    """
+    if len(entries) > limit:
+        raise InvalidArgument(field, f"at most {limit} entries, got {len(entries)}")
     out: dict[str, Any] = {}
-    for name, value in options.items():
-        kind = value.WhichOneof("value")
+    for name, value in entries.items():
+        kind = value.WhichOneof(oneof)
         if kind is None:
-            raise InvalidArgument(f"options.{name}", "has no value")
+            raise InvalidArgument(f"{field}.{name[:40]}", "has no value")
         out[name] = getattr(value, kind)
     return out
+
+
+def options_from_pb(options: Mapping[str, pb.OptionValue]) -> dict[str, Any]:
+    return oneof_values(options, "value", "options", MAX_OPTIONS)
 
 
 def option_value(value: Any) -> pb.OptionValue:

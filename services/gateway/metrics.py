@@ -29,6 +29,7 @@ from prometheus_client import (
 from prometheus_client.exposition import start_http_server
 
 from services.core import metrics as specs
+from services.gateway.oip import split
 
 OTHER = "other"  # the model label of requests for names the gateway does not serve
 
@@ -64,9 +65,7 @@ class GatewayMetrics:
         if not name:
             return ""  # the RPC names no model (ListModels) or the request did not parse
         if name not in self.models:
-            base, _, suffix = name.rpartition(".")
-            if suffix in ("score", "encode", "decode") and base in self.models:
-                return base
+            name = split(name)[0]  # a v2 name: "flow.score" is flow's
         return name if name in self.models else OTHER
 
     def observe(self, method: str, ref: Any, protocol: str) -> _Observation:

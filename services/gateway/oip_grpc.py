@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2 as v2
 from tritonclient.grpc import service_pb2_grpc as v2_grpc
 
 from services.core.errors import InvalidArgument, ModelNotFound
-from services.gateway import oip
+from services.gateway import codec, oip
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.status import abort, status_of
 
@@ -39,18 +39,11 @@ MAX_PARAMETERS = 64
 
 
 def _parameters(params: Any, field: str) -> dict[str, Any]:
-    if len(params) > MAX_PARAMETERS:
-        raise InvalidArgument(field, f"at most {MAX_PARAMETERS} entries, got {len(params)}")
-    out: dict[str, Any] = {}
-    for name, value in params.items():
-        kind = value.WhichOneof("parameter_choice")
-        if kind is None:
-            raise InvalidArgument(f"{field}.{name[:40]}", "has no value")
-        out[name] = getattr(value, kind)
-    return out
+    return codec.oneof_values(params, "parameter_choice", field, MAX_PARAMETERS)
 
 
-def _parameter(value: Any) -> v2.InferParameter:
+def parameter_to_pb(value: Any) -> v2.InferParameter:
+    """A Python value as an InferParameter (bool, int64 or uint64, double, string)."""
     if isinstance(value, bool):
         return v2.InferParameter(bool_param=value)
     if isinstance(value, int):
@@ -94,7 +87,7 @@ def request_from_pb(request: v2.ModelInferRequest, deadline: float | None,
 def response_to_pb(response: oip.InferResponse) -> v2.ModelInferResponse:
     return v2.ModelInferResponse(
         model_name=response.model, model_version=response.version, id=response.id,
-        parameters={k: _parameter(v) for k, v in response.parameters.items()},
+        parameters={k: parameter_to_pb(v) for k, v in response.parameters.items()},
         outputs=[v2.ModelInferResponse.InferOutputTensor(
             name=t.name, datatype=t.datatype, shape=list(t.shape)) for t in response.outputs],
         raw_output_contents=[oip.to_raw(t) for t in response.outputs])

@@ -23,6 +23,7 @@ from tritonclient.grpc import service_pb2 as v2
 from tritonclient.grpc import service_pb2_grpc as v2_grpc
 
 from services.gateway.grpc_server import GatewayConfig
+from services.gateway.oip_grpc import parameter_to_pb
 from services.serving.inprocess import InProcessBackend
 from tests import fuzz
 from tests.helpers import GatewayThread, tiny_store
@@ -45,17 +46,6 @@ CONTENTS = ["bool_contents", "int_contents", "int64_contents", "uint_contents",
 def parameter(draw: st.DrawFn) -> Any:
     return draw(st.one_of(st.booleans(), fuzz.INT64, fuzz.UINT64, fuzz.NUMBERS,
                           st.text(max_size=20), st.sampled_from(fuzz.CHOICES)))
-
-
-def _pb_parameter(value: Any) -> v2.InferParameter:
-    if isinstance(value, bool):
-        return v2.InferParameter(bool_param=value)
-    if isinstance(value, int):
-        return (v2.InferParameter(int64_param=value) if value < 2**63
-                else v2.InferParameter(uint64_param=value))
-    if isinstance(value, float):
-        return v2.InferParameter(double_param=value)
-    return v2.InferParameter(string_param=value)
 
 
 @st.composite
@@ -83,7 +73,7 @@ def infer_requests(draw: st.DrawFn) -> v2.ModelInferRequest:
         tensor = v2.ModelInferRequest.InferInputTensor(name=name, datatype=datatype, shape=shape)
         if draw(st.integers(0, 9)) == 0:
             tensor.parameters[draw(st.sampled_from(["binary_data_size", "shared_memory_region",
-                                                    "x"]))].CopyFrom(_pb_parameter(draw(parameter())))
+                                                    "x"]))].CopyFrom(parameter_to_pb(draw(parameter())))
         if raw:
             raws.append(draw(plausible_raw(datatype, shape)))
         else:
@@ -105,7 +95,7 @@ def infer_requests(draw: st.DrawFn) -> v2.ModelInferRequest:
                                    raw_input_contents=raws)
     for key in draw(st.lists(st.one_of(st.sampled_from(PARAMETERS), st.text(max_size=10)),
                              max_size=4)):
-        request.parameters[key].CopyFrom(_pb_parameter(draw(parameter())))
+        request.parameters[key].CopyFrom(parameter_to_pb(draw(parameter())))
     for name in draw(st.lists(st.sampled_from(["SAMPLES", "PNG", "SEEDS", "LATENTS", "LOG_PROB",
                                                "TEXT", "?"]), max_size=3)):
         request.outputs.add(name=name)
