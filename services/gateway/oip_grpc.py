@@ -190,7 +190,9 @@ class InferenceServicer(v2_grpc.GRPCInferenceServiceServicer):
                                ) -> AsyncIterator[v2.ModelStreamInferResponse]:
         """Each request is answered on its own (an error ends only that request, as
         ``error_message``), up to ``parallel`` at once, in completion order."""
-        done: asyncio.Queue[v2.ModelStreamInferResponse | None] = asyncio.Queue()
+        # bounded: a client that sends and never reads holds ``parallel`` answers, no more
+        # (a full queue holds the slots, which stops reading its requests)
+        done: asyncio.Queue[v2.ModelStreamInferResponse | None] = asyncio.Queue(self._parallel)
         slots = asyncio.Semaphore(self._parallel)
         tasks: set[asyncio.Task[None]] = set()
 
