@@ -46,6 +46,10 @@ class QualityReport:
     min_class_share: float | None = None
     mean_confidence: float | None = None
     label_accuracy: float | None = None  # conditional: predicted class == requested
+    # conditional models, called without labels (what a caller who passes none gets)
+    unlabelled_fd: float | None = None
+    unlabelled_fd_ratio: float | None = None
+    unlabelled_min_class_share: float | None = None
     real_class_share: list[float] = field(default_factory=list)  # real test data
     real_mean_confidence: float | None = None
     test_bits_per_dim: float | None = None
@@ -73,6 +77,10 @@ class QualityReport:
             ]
             if self.label_accuracy is not None:
                 rows.append(("label accuracy", fmt(self.label_accuracy), "-"))
+            if self.unlabelled_fd_ratio is not None:
+                rows += [("FD / floor, no labels", fmt(self.unlabelled_fd_ratio, ".2f"), "-"),
+                         ("min class share, no labels", fmt(self.unlabelled_min_class_share),
+                          "-")]
             if self.init_fd_ratio is not None:
                 rows.append(("FD / floor, chain init", fmt(self.init_fd_ratio, ".2f"), "-"))
         if self.test_bits_per_dim is not None:
@@ -149,8 +157,13 @@ def test_bits_per_dim(model: GenerativeModel, test: Dataset, batch_size: int = 1
 
 def evaluate_model(model: GenerativeModel, splits: Splits, *, store: ModelStore,
                    num_samples: int = 1000, seed: int = 0, batch_size: int = 250,
-                   progress: bool = False, **options: Any) -> QualityReport:
-    """Measure ``model`` against the real test split (see the module docstring)."""
+                   progress: bool = False, unlabelled: bool = True, **options: Any
+                   ) -> QualityReport:
+    """Measure ``model`` against the real test split (see the module docstring).
+
+    Conditional models are sampled with balanced labels; with ``unlabelled`` also without
+    labels (the call a client that passes none makes), reported as ``unlabelled_*``.
+    """
     model.eval()
     samples, labels, seconds = draw(model, num_samples, seed=seed, batch_size=batch_size,
                                     progress=progress, **options)
@@ -184,6 +197,14 @@ def evaluate_model(model: GenerativeModel, splits: Splits, *, store: ModelStore,
     report.real_mean_confidence = float(p_test.max(1).values.mean())
     if labels is not None:
         report.label_accuracy = float((pred == labels).float().mean())
+        if unlabelled:
+            free, _, _ = draw(model, num_samples, seed=seed, batch_size=batch_size,
+                              balanced_labels=False, progress=progress, **options)
+            f_free, p_free = embed(clf, free)
+            report.unlabelled_fd = frechet_distance(f_free.numpy(), f_test.numpy())
+            report.unlabelled_fd_ratio = report.unlabelled_fd / report.fd_floor
+            free_share = np.bincount(p_free.argmax(1).numpy(), minlength=k) / len(p_free)
+            report.unlabelled_min_class_share = float(free_share.min())
     if model.family == "ebm":
         init, _, _ = draw(model, num_samples, seed=seed, batch_size=batch_size, init_only=True)
         f_init, _ = embed(clf, init)

@@ -14,19 +14,24 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from torch import Tensor
 
+from services.core.errors import InvalidArgument
 from services.core.options import OptionSpec
 from services.models.base import Capability, GenerativeModel, LossOutput, ModelConfig, ScoreKind, StepCallback
 from services.models.noise import Noise
 
 _SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}
+# keys of a diffusers scheduler config that define the forward (noising) process
+NOISE_SCHEDULE_KEYS = ("beta_start", "beta_end", "beta_schedule", "trained_betas")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 
 
 @dataclass(frozen=True)
@@ -40,13 +45,26 @@ class DiffusionConfig(ModelConfig):
     cond_drop: float = 0.1  # label dropout rate that trains the unconditional branch
     sampling_steps: int = 20  # default network evaluations at inference (K)
     guidance: float = 1.0  # default classifier-free guidance scale (1 = plain conditional)
+    # Imported checkpoints (``genfleet import diffusers``) describe their network and
+    # noising process in diffusers' own terms; None/defaults: built from the fields above.
+    unet: Mapping[str, Any] | None = None  # a diffusers UNet2DModel config
+    noise_schedule: Mapping[str, Any] | None = None  # NOISE_SCHEDULE_KEYS of a scheduler
+    prediction_type: str = "epsilon"  # what the network predicts: PREDICTION_TYPES
+    # conditional: the last class embedding is the "no label" one (trained by label
+    # dropout), which classifier-free guidance and unlabelled scoring/encoding need
+    null_label: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 < self.sampling_steps <= self.num_train_steps:
             raise ValueError(f"sampling_steps must be in (0, {self.num_train_steps}]")
-        if self.image_size % (2 ** (len(self.width_mults) - 1)):
+        if self.unet is None and self.image_size % (2 ** (len(self.width_mults) - 1)):
             raise ValueError("image_size must be divisible by 2**(len(width_mults)-1)")
+        if self.prediction_type not in PREDICTION_TYPES:
+            raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}")
+        unknown = sorted(set(self.noise_schedule or {}) - set(NOISE_SCHEDULE_KEYS))
+        if unknown:
+            raise ValueError(f"noise_schedule: unknown keys {unknown}")
         if not 0.0 <= self.cond_drop < 1.0:
             raise ValueError("cond_drop must be in [0, 1)")
 
@@ -67,6 +85,7 @@ def _discretized_gaussian_log_likelihood(
 class DiffusionModel(GenerativeModel):
     betas: Tensor
     alphas_cumprod: Tensor
+    class_prior: Tensor
     family = "diffusion"
     Config = DiffusionConfig
     config: DiffusionConfig  # the family's own config type (set by GenerativeModel.__init__)
@@ -99,6 +118,27 @@ class DiffusionModel(GenerativeModel):
     def __init__(self, config: DiffusionConfig) -> None:
         super().__init__(config)
         c = config
+        self.null_label = c.num_classes  # extra embedding row: "no label" for CFG
+        if c.unet is not None:
+            self.net = UNet2DModel.from_config(
+                {k: (list(v) if isinstance(v, tuple) else v) for k, v in c.unet.items()})
+        else:
+            self.net = self._builtin_unet(c)
+        schedule = (dict(c.noise_schedule) if c.noise_schedule is not None
+                    else {"beta_schedule": _SCHEDULES[c.schedule]})
+        # the solvers work in epsilon; _eps converts what the network predicts
+        self._scheduler_config = {"num_train_timesteps": c.num_train_steps, **schedule,
+                                  "prediction_type": "epsilon"}
+        ddpm = DDPMScheduler(**self._scheduler_config)
+        self.register_buffer("betas", ddpm.betas.float().clone(), persistent=False)
+        self.register_buffer("alphas_cumprod", ddpm.alphas_cumprod.float().clone(), persistent=False)
+        # class frequencies of the training labels: unlabelled calls draw their class here
+        k = max(c.num_classes, 1)
+        self.register_buffer("class_prior", torch.full((k,), 1.0 / k))
+        self._register_load_state_dict_pre_hook(self._default_class_prior)
+
+    @staticmethod
+    def _builtin_unet(c: DiffusionConfig) -> UNet2DModel:
         widths = tuple(c.base_width * m for m in c.width_mults)
         last = len(widths) - 1
         down = [
@@ -106,8 +146,7 @@ class DiffusionModel(GenerativeModel):
             for i in range(len(widths))
         ]
         up = ["AttnUpBlock2D" if (c.attention and i == 0) else "UpBlock2D" for i in range(len(widths))]
-        self.null_label = c.num_classes  # extra embedding row: "no label" for CFG
-        self.net = UNet2DModel(
+        return UNet2DModel(
             sample_size=c.image_size,
             in_channels=c.channels,
             out_channels=c.channels,
@@ -120,41 +159,75 @@ class DiffusionModel(GenerativeModel):
             num_class_embeds=c.num_classes + 1 if c.num_classes else None,
             add_attention=c.attention,
         )
-        self._scheduler_config = {
-            "num_train_timesteps": c.num_train_steps,
-            "beta_schedule": _SCHEDULES[c.schedule],
-            "prediction_type": "epsilon",
-        }
-        ddpm = DDPMScheduler(**self._scheduler_config)
-        self.register_buffer("betas", ddpm.betas.float().clone(), persistent=False)
-        self.register_buffer("alphas_cumprod", ddpm.alphas_cumprod.float().clone(), persistent=False)
+
+    def _default_class_prior(self, state: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Checkpoints written before the class prior was kept load with a uniform one."""
+        state.setdefault(prefix + "class_prior", self.class_prior.clone())
+
+    def prepare(self, x: Tensor, labels: Tensor | None) -> None:
+        self._fit_class_prior(labels)
 
     def option_specs(self) -> dict[str, OptionSpec]:
         # per-request defaults follow the config
         c = self.config
-        assert isinstance(c, DiffusionConfig)
-        return {
+        specs = {
             **self.sampler_options,
             "steps": OptionSpec("int", c.sampling_steps, "network evaluations (solver steps)",
                                 min=1, max=c.num_train_steps, cost=True),
             "guidance": OptionSpec("float", c.guidance,
                                    "classifier-free guidance scale (with labels)", min=0.0, max=20.0),
         }
+        if c.num_classes and not c.null_label:
+            specs["guidance"] = OptionSpec(
+                "float", 1.0, "classifier-free guidance scale: 1 only (this model has no "
+                "unconditional label)", min=1.0, max=1.0)
+        if c.num_classes:
+            specs["unlabelled"] = OptionSpec(
+                "str", "prior", "a call without labels: each sample draws its class from the "
+                "class prior (prior) or uses the unconditional branch (null)",
+                choices=("prior", "null") if c.null_label else ("prior",))
+        return specs
 
     # ----------------------------------------------------------------- network
+    def _net_eps(self, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+        """The network's prediction at ``t`` converted to predicted noise."""
+        out = self.net(x_t, t, class_labels=labels).sample
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            return out
+        ab = self.alphas_cumprod[t].view(-1, *([1] * (x_t.dim() - 1)))
+        if kind == "sample":  # x_0 prediction
+            return (x_t - ab.sqrt() * out) / (1 - ab).sqrt()
+        return ab.sqrt() * out + (1 - ab).sqrt() * x_t  # v = sqrt(ab) eps - sqrt(1-ab) x_0
+
+    def _target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
+        """What the network is trained to predict (its ``prediction_type``)."""
+        kind = self.config.prediction_type
+        if kind == "epsilon":
+            return eps
+        if kind == "sample":
+            return x0
+        ab = self.alphas_cumprod[t].view(-1, *([1] * (x0.dim() - 1)))
+        return ab.sqrt() * eps - (1 - ab).sqrt() * x0
+
+    def _no_label(self, b: int, device: torch.device) -> Tensor:
+        if not self.config.null_label:
+            raise InvalidArgument("labels", "this model was trained without an unconditional "
+                                            "label: pass labels")
+        return torch.full((b,), self.null_label, device=device, dtype=torch.long)
+
     def _eps(self, x_t: Tensor, t: Tensor, labels: Tensor | None, guidance: float = 1.0) -> Tensor:
-        """Predicted noise, with classifier-free guidance when labels are given."""
+        """Predicted noise; conditional models without labels use the unconditional
+        (null-label) branch; classifier-free guidance when labels are given."""
         b = x_t.shape[0]
         if not self.config.num_classes:
-            return self.net(x_t, t.expand(b)).sample
-        null = torch.full((b,), self.null_label, device=x_t.device, dtype=torch.long)
+            return self._net_eps(x_t, t.expand(b), None)
         if labels is None:
-            return self.net(x_t, t.expand(b), class_labels=null).sample
+            return self._net_eps(x_t, t.expand(b), self._no_label(b, x_t.device))
         if guidance == 1.0:
-            return self.net(x_t, t.expand(b), class_labels=labels).sample
-        both = self.net(
-            torch.cat([x_t, x_t]), t.expand(2 * b), class_labels=torch.cat([labels, null])
-        ).sample
+            return self._net_eps(x_t, t.expand(b), labels)
+        null = self._no_label(b, x_t.device)
+        both = self._net_eps(torch.cat([x_t, x_t]), t.expand(2 * b), torch.cat([labels, null]))
         eps_c, eps_u = both.chunk(2)
         return eps_u + guidance * (eps_c - eps_u)
 
@@ -172,11 +245,15 @@ class DiffusionModel(GenerativeModel):
         x_t = self.q_sample(x0, t, eps)
         cond = None
         if self.config.num_classes:
-            cond = labels if labels is not None else torch.full((b,), self.null_label, device=x0.device)
-            drop = torch.rand(b, device=x0.device) < self.config.cond_drop
-            cond = torch.where(drop, torch.full_like(cond, self.null_label), cond)
+            if labels is None:
+                cond = self._no_label(b, x0.device)
+            else:
+                cond = labels
+                if self.config.null_label:  # label dropout trains the unconditional branch
+                    drop = torch.rand(b, device=x0.device) < self.config.cond_drop
+                    cond = torch.where(drop, torch.full_like(cond, self.null_label), cond)
         pred = self.net(x_t, t, class_labels=cond).sample
-        loss = F.mse_loss(pred, eps)
+        loss = F.mse_loss(pred, self._target(x0, eps, t))
         return LossOutput(loss, {"mse": float(loss.detach())})
 
     # ---------------------------------------------------------------- sampling
@@ -224,8 +301,12 @@ class DiffusionModel(GenerativeModel):
         return x
 
     def _sample(self, noise: Noise, *, labels: Tensor | None, callback: StepCallback | None,
-                steps: int, guidance: float, sampler: str) -> Tensor:
+                steps: int, guidance: float, sampler: str, unlabelled: str = "prior") -> Tensor:
         x = noise.randn(*self.data_shape)  # (B, C, H, W) x_T
+        if self.config.num_classes and labels is None and unlabelled == "prior":
+            # the conditional path with a class from each sample's own stream: the null
+            # branch, trained on a tenth of the steps, gives worse samples
+            labels = noise.categorical(self.class_prior.expand(len(noise), -1))
         if sampler == "ddim":
             x0 = self._ddim(x, labels, steps, guidance, callback)
         else:
@@ -233,11 +314,11 @@ class DiffusionModel(GenerativeModel):
         return (x0 + 1) / 2
 
     def _encode(self, x: Tensor, *, labels: Tensor | None, callback: StepCallback | None,
-                steps: int, guidance: float, sampler: str) -> Tensor:
+                steps: int, guidance: float, sampler: str, unlabelled: str = "prior") -> Tensor:
         return self._ddim(x * 2 - 1, labels, steps, guidance, callback, invert=True)
 
     def _decode(self, z: Tensor, *, labels: Tensor | None, callback: StepCallback | None,
-                steps: int, guidance: float, sampler: str) -> Tensor:
+                steps: int, guidance: float, sampler: str, unlabelled: str = "prior") -> Tensor:
         return (self._ddim(z, labels, steps, guidance, callback) + 1) / 2
 
     @property

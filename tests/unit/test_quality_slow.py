@@ -66,3 +66,7 @@ def test_brief_training_beats_noise_by_a_wide_margin(
     assert report.fd < noise_fd / MARGIN, (family, report.fd, noise_fd)
     assert report.fd > report.fd_floor * 0.5, "FD far below the real-data floor is suspicious"
     assert report.min_class_share is not None and report.min_class_share > 0.01
+    if report.unlabelled_fd is not None:  # conditional: a call without labels is as good
+        assert report.unlabelled_fd < noise_fd / MARGIN, (family, report.unlabelled_fd, noise_fd)
+        assert report.unlabelled_min_class_share is not None
+        assert report.unlabelled_min_class_share > 0.01
