@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.cli.common import client, client_args, open_store, parse_sets, threads
-from services.core.errors import CheckpointError
+from services.core.errors import CheckpointError, InvalidArgument
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -20,7 +20,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     threads(args.threads)
     store = open_store(args)
     model, meta = load_model(store, args.model)
-    splits = datasets.split(datasets.load(meta.data.get("name") or "digits"))
+    spec = args.data or meta.data.get("name")
+    if not spec:
+        raise InvalidArgument("data", f"{meta.ref} records no training data (an imported "
+                                      f"model?): pass --data SPEC, e.g. --data cifar10:DIR")
+    data = datasets.load(spec)
+    _check_fits(model, data)
+    splits = datasets.split(data)
     report = evaluate_model(model, splits, store=store, num_samples=args.num_samples,
                             seed=args.seed, progress=not args.quiet, **parse_sets(args.set))
     print(f"{meta.ref} ({meta.family}), {args.num_samples} samples")
@@ -35,6 +41,49 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(args.json).write_text(json.dumps(report.to_json(), indent=2))
     if args.save:
         store.update_metrics(meta.ref, report.to_json())
+    return 0
+
+
+def _check_fits(model: Any, data: Any) -> None:
+    """The data a model is evaluated on or imported for has its shape and levels."""
+    if tuple(data.shape) != tuple(model.data_shape) or data.levels != model.config.levels:
+        raise InvalidArgument("data", f"{data.name} is {tuple(data.shape)} with {data.levels} "
+                                      f"levels; the model is {tuple(model.data_shape)} with "
+                                      f"{model.config.levels} levels")
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    """Write a model trained elsewhere into the store as a new version of ``--name``."""
+    import torch
+
+    from services.core import data as datasets
+    from services.models.importers import diffusers_pipeline
+
+    store = open_store(args)
+    model = diffusers_pipeline(Path(args.directory), null_label=args.null_label,
+                               levels=args.levels, sampling_steps=args.steps)
+    described: dict[str, Any] = {}
+    if args.data:
+        data = datasets.load(args.data)
+        _check_fits(model, data)
+        if data.labels is not None and model.config.num_classes:
+            if data.num_classes != model.config.num_classes:
+                raise InvalidArgument("data", f"{data.name} has {data.num_classes} classes; "
+                                              f"the UNet {model.config.num_classes}")
+            model.prepare(torch.empty(0), torch.from_numpy(data.labels))  # the class prior
+        described = data.describe()
+    meta = store.save(args.name, family=model.family, config=model.config.to_dict(),
+                      state=model.state_dict(), data=described,
+                      training={"imported": args.format, "source": str(Path(args.directory)
+                                                                       .resolve())})
+    c = model.config
+    conditional = (f"{c.num_classes} classes, guidance {'on' if c.null_label else 'off (no null label)'}"
+                   if c.num_classes else "unconditional")
+    params = sum(p.numel() for p in model.parameters())
+    print(f"imported {meta.ref}: diffusion {c.channels}x{c.image_size}x{c.image_size}, "
+          f"{conditional}, {params:,} parameters, {c.num_train_steps} train steps, "
+          f"{c.prediction_type} prediction")
+    print(f"serve it: genfleet up --models {args.name}")
     return 0
 
 
@@ -107,6 +156,23 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--json", default=None, help="write the report as JSON here")
     p.add_argument("--save", action="store_true", help="store the metrics in the checkpoint")
     p.set_defaults(func=cmd_eval)
+
+    p.add_argument("--data", default=None,
+                   help="data spec to evaluate against (default: the model's training data)")
+
+    p = sub.add_parser("import", help="store a model trained elsewhere (a diffusers pipeline)")
+    p.add_argument("format", choices=["diffusers"])
+    p.add_argument("directory", help="pipeline directory (DDPMPipeline.save_pretrained layout)")
+    p.add_argument("--name", required=True, help="model name in the store")
+    p.add_argument("--null-label", action="store_true",
+                   help="class-conditional UNet: its last class embedding is the "
+                        "unconditional label (enables classifier-free guidance)")
+    p.add_argument("--levels", type=int, default=256, help="values per pixel (8-bit: 256)")
+    p.add_argument("--steps", type=int, default=20, help="default solver steps of a call")
+    p.add_argument("--data", default=None,
+                   help="data spec it models (checked against its shape; recorded for eval; "
+                        "its labels give the class prior)")
+    p.set_defaults(func=cmd_import)
 
     p = sub.add_parser("models", help="list stored models (--served: ask the gateway)")
     p.add_argument("--served", action="store_true", help="ListModels through the gateway")

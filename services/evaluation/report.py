@@ -222,5 +222,6 @@ def write_grid(model: GenerativeModel, path: Path, *, title: str = "", seed: int
     rows = min(k, 10) if conditional else 10
     labels = torch.arange(rows).repeat_interleave(10) if conditional else None
     x = model.sample(sample_seeds(seed, rows * 10), labels=labels, **options).cpu().numpy()
-    return save_grid(x, path, ncols=10, scale=6, title=title or model.family,
+    scale = max(2, min(6, 96 // x.shape[-1]))  # 8x8 digits x6, 32x32 photos x3
+    return save_grid(x, path, ncols=10, scale=scale, title=title or model.family,
                      row_labels=[str(i) for i in range(rows)] if conditional else None)

@@ -53,6 +53,10 @@ class DiffusionConfig(ModelConfig):
     # conditional: the last class embedding is the "no label" one (trained by label
     # dropout), which classifier-free guidance and unlabelled scoring/encoding need
     null_label: bool = True
+    # the network runs on chunks of exactly this many rows (the last one padded): CPU and
+    # GPU kernels pick algorithms by batch size, and only a fixed shape makes a sample's
+    # bits independent of its batch-mates (0: run the batch as it comes)
+    invariant_batch: int = 8
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -60,6 +64,8 @@ class DiffusionConfig(ModelConfig):
             raise ValueError(f"sampling_steps must be in (0, {self.num_train_steps}]")
         if self.unet is None and self.image_size % (2 ** (len(self.width_mults) - 1)):
             raise ValueError("image_size must be divisible by 2**(len(width_mults)-1)")
+        if self.invariant_batch < 0:
+            raise ValueError("invariant_batch must be >= 0")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}")
         unknown = sorted(set(self.noise_schedule or {}) - set(NOISE_SCHEDULE_KEYS))
@@ -190,8 +196,8 @@ class DiffusionModel(GenerativeModel):
 
     # ----------------------------------------------------------------- network
     def _net_eps(self, x_t: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
-        """The network's prediction at ``t`` converted to predicted noise."""
-        out = self.net(x_t, t, class_labels=labels).sample
+        """The network's prediction at ``t`` (B,) converted to predicted noise."""
+        out = self._run_net(x_t, t, labels)
         kind = self.config.prediction_type
         if kind == "epsilon":
             return out
@@ -199,6 +205,22 @@ class DiffusionModel(GenerativeModel):
         if kind == "sample":  # x_0 prediction
             return (x_t - ab.sqrt() * out) / (1 - ab).sqrt()
         return ab.sqrt() * out + (1 - ab).sqrt() * x_t  # v = sqrt(ab) eps - sqrt(1-ab) x_0
+
+    def _run_net(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
+        """``net(x, t, labels)`` in chunks of ``invariant_batch`` rows (see the config)."""
+        n, b = self.config.invariant_batch, x.shape[0]
+        if not n or b == n:
+            return self.net(x, t, class_labels=labels).sample
+        outs = []
+        for lo in range(0, b, n):
+            parts = [x[lo:lo + n], t[lo:lo + n], None if labels is None else labels[lo:lo + n]]
+            k = parts[0].shape[0]  # type: ignore[union-attr]
+            if k < n:  # pad with copies of a real row: valid inputs, results dropped
+                parts = [None if p is None else torch.cat([p, p[:1].expand(n - k, *p.shape[1:])])
+                         for p in parts]
+            xs, ts, ls = parts
+            outs.append(self.net(xs, ts, class_labels=ls).sample[:k])
+        return torch.cat(outs)
 
     def _target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """What the network is trained to predict (its ``prediction_type``)."""
