@@ -20,6 +20,7 @@ def _spec(args: argparse.Namespace) -> Any:
                                ("max_minutes", args.minutes)) if v is not None}
     return spec_from_config(
         args.family, path=args.config, name=args.name, job=args.job, data=args.data,
+        preset=args.preset,
         workers=args.workers, gpus_per_worker=args.gpus_per_worker,
         cpus_per_worker=args.cpus_per_worker, model=parse_sets(args.set), train=train)
 
@@ -75,6 +76,9 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("family")
     p.add_argument("--local", action="store_true", help="train in this process, without Ray")
     p.add_argument("--data", default=None, help="data spec (digits, mnist:DIR, ...)")
+    p.add_argument("--preset", default=None,
+                   help="the family's named sizes: digits, mnist, cifar10 (default: the one "
+                        "named after the data's shape, e.g. 32x32x3 -> cifar10)")
     p.add_argument("--name", default=None, help="model name in the store (default: family)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--minutes", type=float, default=None,

@@ -234,7 +234,8 @@ def run(spec: TrainSpec, store: ModelStore, *, evaluate: bool = True, eval_sampl
     last_attempt = [h for h in history if int(h["resumed_from"]) == resumed_from]
     samples_per_s = sum(h["samples_per_s"] for h in last_attempt) / max(1, len(last_attempt))
     training = {
-        "job": spec.job, "workers": spec.workers, "gpus_per_worker": spec.gpus_per_worker,
+        "job": spec.job, "preset": setup.preset, "workers": spec.workers,
+        "gpus_per_worker": spec.gpus_per_worker,
         "epochs": int(state["epoch"]), "steps": int(state["step_count"]),
         "resumed_from": resumed_from,
         "samples_per_second": round(samples_per_s, 1), "best_val": state["best_val"],

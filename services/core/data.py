@@ -2,9 +2,14 @@
 
 A data spec names the source: ``digits`` (scikit-learn's bundled 8x8 digits, the
 default, no download), ``mnist:DIR_OR_IMAGES_FILE``, ``cifar10:DIR``, ``folder:DIR``,
-``npz:FILE`` or ``text:FILE``, optionally followed by ``?key=value&...`` options:
+``npz:FILE``, ``text:FILE`` or ``patches:SOURCE``, optionally followed by
+``?key=value&...`` options:
 
 - ``folder``: ``size`` (resize to size x size), ``mode`` (``L`` grey or ``RGB``).
+- ``patches``: square RGB crops of photographs: ``SOURCE`` is ``sklearn`` (the two sample
+  photographs scikit-learn ships) or a directory of images; ``size`` (default 32),
+  ``stride`` (default size / 2), ``scale`` (shrink each photo by this factor first,
+  default 1). A crop's label is the photograph it comes from.
 - ``npz``: ``x`` / ``y`` (array names, default ``x`` and ``y``), ``levels``.
 - ``text``: ``seq_len`` (characters per example, default 64).
 - any: ``limit`` (keep the first N examples).
@@ -296,6 +301,53 @@ def load_image_folder(path: Path, *, size: int | None = None, mode: str = "L") -
     return Dataset(np.stack(images), np.array(labels), 256, classes, name=f"folder:{path}")
 
 
+def load_patches(source: str, *, size: int = 32, stride: int | None = None,
+                 scale: int = 1) -> Dataset:
+    """``size`` x ``size`` RGB crops every ``stride`` pixels of each photograph (labelled
+    by the photograph); ``source``: ``sklearn`` or a directory of images."""
+    from PIL import Image, UnidentifiedImageError
+
+    stride = stride or max(1, size // 2)
+    if size < 2 or stride < 1 or scale < 1:
+        raise InvalidArgument("data", "patches: size >= 2, stride >= 1 and scale >= 1 required")
+    photos: list[tuple[str, np.ndarray]] = []
+    if source == "sklearn":
+        from sklearn.datasets import load_sample_images
+
+        bunch = load_sample_images()
+        photos = [(Path(f).stem, np.asarray(im)) for f, im in
+                  zip(bunch.filenames, bunch.images, strict=True)]
+    else:
+        directory = Path(source).expanduser()
+        if not directory.is_dir():
+            raise DataError(directory, "not a directory (patches: takes sklearn or a folder)")
+        for file in sorted(directory.iterdir()):
+            if file.suffix.lower() not in _IMAGE_SUFFIXES:
+                continue
+            try:
+                with Image.open(file) as opened:
+                    photos.append((file.stem, np.asarray(opened.convert("RGB"))))
+            except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+                raise DataError(file, f"unreadable image ({exc})") from exc
+        if not photos:
+            raise DataError(directory, "no images found")
+    crops: list[np.ndarray] = []
+    labels: list[int] = []
+    for k, (_, photo) in enumerate(photos):
+        if scale > 1:
+            h, w = photo.shape[0] // scale, photo.shape[1] // scale
+            photo = np.asarray(Image.fromarray(photo).resize((w, h), Image.Resampling.BOX))
+        chw = photo.transpose(2, 0, 1)  # (3, H, W)
+        for top in range(0, chw.shape[1] - size + 1, stride):
+            for left in range(0, chw.shape[2] - size + 1, stride):
+                crops.append(chw[:, top:top + size, left:left + size])
+                labels.append(k)
+    if not crops:
+        raise InvalidArgument("data", f"patches: every photograph is smaller than {size} px")
+    return Dataset(np.stack(crops).astype(np.uint8), np.array(labels), 256,
+                   [name for name, _ in photos], name=f"patches:{source}")
+
+
 def load_npz(path: Path, *, x: str = "x", y: str = "y", levels: int | None = None) -> Dataset:
     """Arrays from an ``.npz``: images ``(N, H, W)`` or ``(N, C, H, W)`` of integer levels."""
     try:
@@ -361,7 +413,7 @@ def _int_option(opts: dict[str, str], key: str) -> int | None:
         raise InvalidArgument(f"data.{key}", "must be an integer") from None
 
 
-_KINDS = ("digits", "mnist", "cifar10", "folder", "npz", "text")
+_KINDS = ("digits", "mnist", "cifar10", "folder", "npz", "text", "patches")
 
 
 def load(spec: str = "digits") -> Dataset:
@@ -378,11 +430,12 @@ def load(spec: str = "digits") -> Dataset:
     path = Path(location).expanduser()
     if kind not in _KINDS:
         raise InvalidArgument(
-            "data", f"unknown data kind {kind!r}; use digits, mnist:, cifar10:, folder:, npz:, text:"
+            "data", f"unknown data kind {kind!r}; use digits, mnist:, cifar10:, folder:, npz:, text:, "
+                    f"patches:"
         )
     if kind != "digits" and not location:
         raise InvalidArgument("data", f"{kind}: needs a path, e.g. {kind}:/data/{kind}")
-    if kind != "digits" and not path.exists():
+    if kind not in ("digits", "patches") and not path.exists():
         raise DataError(path, "no such file or directory")
     data: Dataset
     if kind == "digits":
@@ -398,9 +451,13 @@ def load(spec: str = "digits") -> Dataset:
                         levels=_int_option(opts, "levels"))
     elif kind == "text":
         data = load_text(path, seq_len=_int_option(opts, "seq_len") or 64)
+    elif kind == "patches":
+        data = load_patches(location, size=_int_option(opts, "size") or 32,
+                            stride=_int_option(opts, "stride"), scale=_int_option(opts, "scale") or 1)
     else:
         raise InvalidArgument(
-            "data", f"unknown data kind {kind!r}; use digits, mnist:, cifar10:, folder:, npz:, text:"
+            "data", f"unknown data kind {kind!r}; use digits, mnist:, cifar10:, folder:, npz:, text:, "
+                    f"patches:"
         )
     if opts:
         raise InvalidArgument("data", f"unknown options {sorted(opts)} for {kind}")

@@ -22,7 +22,15 @@ import torch
 from services.core.errors import CheckpointError, InvalidArgument
 from services.core.options import OptionSpec
 from services.core.store import Checkpoint, ModelStore
-from services.models.base import Capability, GenerativeModel, LossOutput, ModelConfig, ScoreKind
+from services.models.base import (
+    PRESET_SHAPES,
+    Capability,
+    GenerativeModel,
+    LossOutput,
+    ModelConfig,
+    Preset,
+    ScoreKind,
+)
 from services.models.noise import Noise, sample_seed, sample_seeds
 
 # family -> (module, class). Imported lazily: a process that serves one family loads one.
@@ -145,12 +153,14 @@ __all__ = [
     "FAMILIES",
     "PLUGIN_GROUP",
     "PLUGIN_PROBLEMS",
+    "PRESET_SHAPES",
     "Capability",
     "GenerativeModel",
     "LossOutput",
     "ModelConfig",
     "Noise",
     "OptionSpec",
+    "Preset",
     "ScoreKind",
     "build",
     "discover",

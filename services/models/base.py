@@ -99,6 +99,21 @@ class LossOutput:
 
 
 
+@dataclass(frozen=True)
+class Preset:
+    """Sizes of a family for one kind of data: config and training overrides, applied
+    on top of the family's defaults (and under the user's ``--set``)."""
+
+    shape: tuple[int, int, int]  # (C, H, W) of the data it is sized for
+    model: Mapping[str, Any] = field(default_factory=dict)
+    train: Mapping[str, Any] = field(default_factory=dict)
+
+
+# the data each built-in preset is named after
+PRESET_SHAPES: dict[str, tuple[int, int, int]] = {
+    "digits": (1, 8, 8), "mnist": (1, 28, 28), "cifar10": (3, 32, 32)}
+
+
 class GenerativeModel(nn.Module, abc.ABC):
     """Base class of the six families.
 
@@ -116,6 +131,8 @@ class GenerativeModel(nn.Module, abc.ABC):
     score_options: ClassVar[dict[str, OptionSpec]] = {}
     # Training defaults the generic loop starts from (keys of services.training.TrainConfig).
     train_defaults: ClassVar[dict[str, Any]] = {}
+    # Named sizes (``genfleet train --preset``); "digits" is the defaults themselves.
+    presets: ClassVar[dict[str, Preset]] = {"digits": Preset(PRESET_SHAPES["digits"])}
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()

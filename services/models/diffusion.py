@@ -25,7 +25,16 @@ from torch import Tensor
 
 from services.core.errors import InvalidArgument
 from services.core.options import OptionSpec
-from services.models.base import Capability, GenerativeModel, LossOutput, ModelConfig, ScoreKind, StepCallback
+from services.models.base import (
+    PRESET_SHAPES,
+    Capability,
+    GenerativeModel,
+    LossOutput,
+    ModelConfig,
+    Preset,
+    ScoreKind,
+    StepCallback,
+)
 from services.models.noise import Noise
 
 _SCHEDULES = {"cosine": "squaredcos_cap_v2", "linear": "linear"}
@@ -120,6 +129,14 @@ class DiffusionModel(GenerativeModel):
     }
     train_defaults = {"lr": 2e-3, "batch_size": 128, "epochs": 150, "ema_decay": 0.995,
                       "val_every": 20}
+    presets = {
+        "digits": Preset(PRESET_SHAPES["digits"]),
+        "mnist": Preset(PRESET_SHAPES["mnist"], {"base_width": 32, "width_mults": (1, 2, 2)},
+                        {"epochs": 20, "lr": 5e-4, "val_every": 5}),
+        "cifar10": Preset(PRESET_SHAPES["cifar10"],
+                          {"base_width": 64, "width_mults": (1, 2, 2)},
+                          {"epochs": 60, "lr": 2e-4, "val_every": 10}),
+    }
 
     def __init__(self, config: DiffusionConfig) -> None:
         super().__init__(config)
@@ -190,8 +207,8 @@ class DiffusionModel(GenerativeModel):
         if c.num_classes:
             specs["unlabelled"] = OptionSpec(
                 "str", "prior", "a call without labels: each sample draws its class from the "
-                "class prior (prior) or uses the unconditional branch (null)",
-                choices=("prior", "null") if c.null_label else ("prior",))
+                "class prior (prior) or uses the unconditional branch (unconditional)",
+                choices=("prior", "unconditional") if c.null_label else ("prior",))
         return specs
 
     # ----------------------------------------------------------------- network

@@ -23,7 +23,16 @@ import torch
 from torch import Tensor, nn
 
 from services.core.options import OptionSpec
-from services.models.base import Capability, GenerativeModel, LossOutput, ModelConfig, ScoreKind, StepCallback
+from services.models.base import (
+    PRESET_SHAPES,
+    Capability,
+    GenerativeModel,
+    LossOutput,
+    ModelConfig,
+    Preset,
+    ScoreKind,
+    StepCallback,
+)
 from services.models.noise import Noise
 
 
@@ -73,6 +82,11 @@ class EnergyModel(GenerativeModel):
     score_kind = ScoreKind.UNNORMALIZED
     train_defaults = {"lr": 3e-4, "betas": (0.5, 0.999), "batch_size": 64, "epochs": 60,
                       "ema_decay": 0.99, "val_every": 1000, "grad_clip": 1.0}
+    presets = {
+        "digits": Preset(PRESET_SHAPES["digits"]),
+        "mnist": Preset(PRESET_SHAPES["mnist"], {"width": 48}, {"epochs": 10}),
+        "cifar10": Preset(PRESET_SHAPES["cifar10"], {"width": 64}, {"epochs": 20}),
+    }
 
     def __init__(self, config: EBMConfig) -> None:
         super().__init__(config)

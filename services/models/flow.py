@@ -30,7 +30,16 @@ from torch import Tensor
 
 from services.core.errors import InvalidArgument
 from services.core.options import OptionSpec
-from services.models.base import Capability, GenerativeModel, LossOutput, ModelConfig, ScoreKind, StepCallback
+from services.models.base import (
+    PRESET_SHAPES,
+    Capability,
+    GenerativeModel,
+    LossOutput,
+    ModelConfig,
+    Preset,
+    ScoreKind,
+    StepCallback,
+)
 from services.models.noise import Noise
 
 _DENSITY_ROWS = 8192  # rows per density evaluation when scoring (bounds memory)
@@ -69,6 +78,15 @@ class FlowModel(GenerativeModel):
     train_defaults = {"lr": 1e-3, "batch_size": 128, "epochs": 100, "weight_decay": 1e-5,
                       "grad_clip": 5.0, "select_best": True, "val_every": 5,
                       "ema_decay": 0.995, "cosine_decay": True}
+    presets = {
+        "digits": Preset(PRESET_SHAPES["digits"]),
+        # fully connected couplings grow with D^2: fewer, narrower ones at larger sizes
+        "mnist": Preset(PRESET_SHAPES["mnist"], {"transforms": 6, "hidden": (256,), "bins": 6},
+                        {"epochs": 20, "val_every": 1}),
+        "cifar10": Preset(PRESET_SHAPES["cifar10"],
+                          {"transforms": 4, "hidden": (256,), "bins": 4},
+                          {"epochs": 40, "val_every": 2}),
+    }
 
     def __init__(self, config: FlowConfig) -> None:
         super().__init__(config)

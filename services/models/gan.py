@@ -21,7 +21,15 @@ from torch.nn.utils.parametrizations import spectral_norm
 
 from services.core.errors import InvalidArgument
 from services.core.options import OptionSpec
-from services.models.base import Capability, GenerativeModel, LossOutput, ModelConfig, StepCallback
+from services.models.base import (
+    PRESET_SHAPES,
+    Capability,
+    GenerativeModel,
+    LossOutput,
+    ModelConfig,
+    Preset,
+    StepCallback,
+)
 from services.models.noise import Noise
 
 
@@ -107,6 +115,13 @@ class GANModel(GenerativeModel):
     }
     train_defaults = {"lr": 2e-4, "betas": (0.0, 0.9), "batch_size": 64, "epochs": 100,
                       "ema_decay": 0.999, "val_every": 1000}
+    presets = {
+        "digits": Preset(PRESET_SHAPES["digits"]),
+        "mnist": Preset(PRESET_SHAPES["mnist"], {"latent_dim": 64, "width": 64},
+                        {"epochs": 20}),
+        "cifar10": Preset(PRESET_SHAPES["cifar10"], {"latent_dim": 128, "width": 64},
+                          {"epochs": 40}),
+    }
 
     def __init__(self, config: GANConfig) -> None:
         super().__init__(config)

@@ -21,7 +21,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from services.core.options import OptionSpec
-from services.models.base import Capability, GenerativeModel, LossOutput, ModelConfig, ScoreKind, StepCallback
+from services.models.base import (
+    PRESET_SHAPES,
+    Capability,
+    GenerativeModel,
+    LossOutput,
+    ModelConfig,
+    Preset,
+    ScoreKind,
+    StepCallback,
+)
 from services.models.noise import Noise
 
 _DECODE_ROWS = 4096  # latents per decoder pass when scoring (bounds memory)
@@ -61,6 +70,14 @@ class VAEModel(GenerativeModel):
     }
     train_defaults = {"lr": 1e-3, "batch_size": 64, "epochs": 150, "weight_decay": 1e-4,
                       "val_every": 5, "select_best": True, "ema_decay": 0.995}
+    presets = {
+        "digits": Preset(PRESET_SHAPES["digits"]),
+        "mnist": Preset(PRESET_SHAPES["mnist"], {"latent_dim": 16, "width": 32, "hidden": 256},
+                        {"epochs": 20, "val_every": 1}),
+        "cifar10": Preset(PRESET_SHAPES["cifar10"],
+                          {"latent_dim": 32, "width": 32, "hidden": 256},
+                          {"epochs": 40, "val_every": 2}),
+    }
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__(config)

@@ -58,7 +58,8 @@ def train_spec_locally(spec: TrainSpec, *, store: ModelStore, evaluate: bool = T
     model = model_class(spec.family)(setup.config)
     result = fit(model, setup.splits, setup.train, progress=progress, log=log)
     training = {
-        "steps": result.steps, "epochs": result.epochs, "seconds": round(result.seconds, 2),
+        "preset": setup.preset, "steps": result.steps, "epochs": result.epochs,
+        "seconds": round(result.seconds, 2),
         "samples_per_second": round(result.samples_per_second, 1), "best_val": result.best_val,
         "config": dataclasses.asdict(setup.train),
         "final": result.history[-1] if result.history else {}, "finished": time.time(),

@@ -19,11 +19,11 @@ import yaml
 from services.core import data as datasets
 from services.core.errors import InvalidArgument
 from services.core.store import check_name
-from services.models import FAMILIES, ModelConfig, model_class
+from services.models import FAMILIES, ModelConfig, Preset, model_class
 from services.training.loop import TrainConfig
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "cluster" / "configs" / "train.yaml"
-_SPEC_KEYS = {"data", "workers", "cpus_per_worker", "gpus_per_worker", "threads_per_worker",
+_SPEC_KEYS = {"data", "preset", "workers", "cpus_per_worker", "gpus_per_worker", "threads_per_worker",
               "max_failures", "model", "train"}
 
 
@@ -35,6 +35,7 @@ class TrainSpec:
     name: str  # model name in the store
     job: str = ""  # Ray Train run name (default: ``name``); a re-run of it resumes
     data: str = "digits"
+    preset: str = ""  # the family's named sizes; "": the preset named after the data's shape
     workers: int = 2
     gpus_per_worker: float = 0.0
     cpus_per_worker: float = 1.0
@@ -50,6 +51,9 @@ class TrainSpec:
         self.job = self.job or self.name
         check_name(self.name)
         check_name(self.job, "job")
+        if self.preset and self.preset not in (presets := model_class(self.family).presets):
+            raise InvalidArgument("preset", f"{self.family} has no preset {self.preset!r} "
+                                            f"(has: {sorted(presets)})")
         if self.workers < 1:
             raise InvalidArgument("workers", f"must be >= 1, got {self.workers}")
         if self.gpus_per_worker < 0 or self.cpus_per_worker < 0:
@@ -84,6 +88,22 @@ def model_config(family: str, data: datasets.Dataset,
     return klass.Config.from_dict(values)
 
 
+def choose_preset(family: str, data: datasets.Dataset, name: str = "") -> tuple[str, Preset]:
+    """The family's preset ``name``, or (``""``) the one sized for ``data``'s shape
+    (``("", Preset())`` when none is: the family's defaults)."""
+    presets = model_class(family).presets
+    if name:
+        if name not in presets:
+            raise InvalidArgument("preset", f"{family} has no preset {name!r} "
+                                            f"(has: {sorted(presets)})")
+        return name, presets[name]
+    if data.kind == "image":
+        for key, preset in presets.items():
+            if tuple(preset.shape) == tuple(data.shape):
+                return key, preset
+    return "", Preset((0, 0, 0))
+
+
 @dataclass
 class Prepared:
     """What both loops train with."""
@@ -92,20 +112,23 @@ class Prepared:
     splits: datasets.Splits
     config: ModelConfig
     train: TrainConfig
+    preset: str = ""
 
 
 def prepare(spec: TrainSpec, *, distributed: bool = True) -> Prepared:
-    """Load the data; fit the family's config to it (then ``config_overrides``); the
-    family's training defaults, then ``train_overrides``.
+    """Load the data; fit the family's config to it, then its preset (``choose_preset``),
+    then ``config_overrides``; the family's training defaults, the preset's, then
+    ``train_overrides``.
 
     Raises:
         InvalidArgument: a bad data spec, config or training option.
     """
     data = datasets.load(spec.data)
-    config = model_config(spec.family, data, spec.config_overrides)
+    name, preset = choose_preset(spec.family, data, spec.preset)
+    config = model_config(spec.family, data, {**preset.model, **spec.config_overrides})
     train = TrainConfig.for_family(model_class(spec.family),
-                                   **spec.train_config(distributed=distributed))
-    return Prepared(data, datasets.split(data), config, train)
+                                   **{**preset.train, **spec.train_config(distributed=distributed)})
+    return Prepared(data, datasets.split(data), config, train, name)
 
 
 def spec_from_config(family: str, *, path: Path | str | None = None,

@@ -146,3 +146,28 @@ def test_bad_specs_are_clear() -> None:
     with pytest.raises(InvalidArgument, match="unknown options"):
         datasets.load("digits?colour=1")
     assert len(datasets.load("digits?limit=10")) == 10
+
+
+def test_patches_of_the_sklearn_photographs() -> None:
+    data = datasets.load("patches:sklearn")
+    assert data.shape == (3, 32, 32) and data.levels == 256 and len(data) == 1950
+    assert data.class_names == ["china", "flower"] and data.labels is not None
+    assert np.bincount(data.labels).tolist() == [975, 975]
+    small = datasets.load("patches:sklearn?size=16&stride=16&scale=2&limit=5")
+    assert small.shape == (3, 16, 16) and len(small) == 5
+    assert datasets.load("patches:sklearn?stride=64").values.dtype == np.uint8
+
+
+def test_patches_of_a_folder_and_errors(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    for name in ("b", "a"):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(tmp_path / f"{name}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    data = datasets.load(f"patches:{tmp_path}?size=16&stride=8")
+    assert data.class_names == ["a", "b"] and len(data) == 2 * 4 * 5
+    with pytest.raises(InvalidArgument, match="smaller than 64"):
+        datasets.load(f"patches:{tmp_path}?size=64")
+    with pytest.raises(DataError, match="not a directory"):
+        datasets.load(f"patches:{tmp_path / 'missing'}")
+    with pytest.raises(InvalidArgument, match="unknown options"):
+        datasets.load("patches:sklearn?colour=1")

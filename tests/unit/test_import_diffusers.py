@@ -131,7 +131,7 @@ def test_without_a_null_label_guidance_and_unlabelled_branches_are_refused(
     with pytest.raises(InvalidArgument, match="guidance"):
         model.sample([0], labels=torch.tensor([1]), guidance=2.0)
     with pytest.raises(InvalidArgument, match="unlabelled"):
-        model.sample([0], unlabelled="null")
+        model.sample([0], unlabelled="unconditional")
     with pytest.raises(InvalidArgument, match="pass labels"):
         model.log_prob(x, timesteps=2)
     assert torch.isfinite(model.log_prob(x, labels=torch.tensor([0, 3]), timesteps=2)).all()

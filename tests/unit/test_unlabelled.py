@@ -35,9 +35,9 @@ def test_unlabelled_samples_take_the_conditional_path_with_a_class_of_their_own(
         model.class_prior[3] = 1.0  # every sample must draw class 3
         free = model.sample(seeds)
         assert torch.equal(free, model.sample(seeds, labels=torch.full((6,), 3)))
-        null = model.sample(seeds, unlabelled="null")  # the unconditional branch, on request
+        null = model.sample(seeds, unlabelled="unconditional")  # the unconditional branch, on request
         assert not torch.equal(free, null)
-        assert torch.equal(null, model.sample(seeds, unlabelled="null"))
+        assert torch.equal(null, model.sample(seeds, unlabelled="unconditional"))
     finally:
         model.class_prior.copy_(prior)
     # batch invariance holds for the drawn classes: a sample alone equals itself in a batch
@@ -48,7 +48,7 @@ def test_unlabelled_samples_take_the_conditional_path_with_a_class_of_their_own(
 
 def test_unlabelled_option_is_advertised_and_checked(model: DiffusionModel) -> None:
     spec = model.option_specs()["unlabelled"]
-    assert spec.default == "prior" and spec.choices == ("prior", "null")
+    assert spec.default == "prior" and spec.choices == ("prior", "unconditional")
     with pytest.raises(InvalidArgument, match="unlabelled"):
         model.sample([1], unlabelled="cond")
     unconditional = build("diffusion", {**TINY_CONFIGS["diffusion"], "num_classes": 0})
