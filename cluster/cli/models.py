@@ -61,7 +61,8 @@ def cmd_import(args: argparse.Namespace) -> int:
 
     store = open_store(args)
     model = diffusers_pipeline(Path(args.directory), null_label=args.null_label,
-                               levels=args.levels, sampling_steps=args.steps)
+                               levels=args.levels, sampling_steps=args.steps,
+                               invariant_batch=args.invariant_batch)
     described: dict[str, Any] = {}
     if args.data:
         data = datasets.load(args.data)
@@ -169,6 +170,9 @@ def add_parsers(sub: Any) -> None:
                         "unconditional label (enables classifier-free guidance)")
     p.add_argument("--levels", type=int, default=256, help="values per pixel (8-bit: 256)")
     p.add_argument("--steps", type=int, default=20, help="default solver steps of a call")
+    p.add_argument("--invariant-batch", type=int, default=8,
+                   help="the UNet runs on chunks of N rows so a sample's bits do not depend "
+                        "on its batch-mates (0: off; faster for single samples)")
     p.add_argument("--data", default=None,
                    help="data spec it models (checked against its shape; recorded for eval; "
                         "its labels give the class prior)")

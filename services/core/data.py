@@ -9,7 +9,8 @@ default, no download), ``mnist:DIR_OR_IMAGES_FILE``, ``cifar10:DIR``, ``folder:D
 - ``patches``: square RGB crops of photographs: ``SOURCE`` is ``sklearn`` (the two sample
   photographs scikit-learn ships) or a directory of images; ``size`` (default 32),
   ``stride`` (default size / 2), ``scale`` (shrink each photo by this factor first,
-  default 1). A crop's label is the photograph it comes from.
+  default 1), ``grid`` (default 1). A crop's label is the photograph it comes from and,
+  with ``grid`` G > 1, the cell of a G x G division of it that holds the crop's centre.
 - ``npz``: ``x`` / ``y`` (array names, default ``x`` and ``y``), ``levels``.
 - ``text``: ``seq_len`` (characters per example, default 64).
 - any: ``limit`` (keep the first N examples).
@@ -302,14 +303,16 @@ def load_image_folder(path: Path, *, size: int | None = None, mode: str = "L") -
 
 
 def load_patches(source: str, *, size: int = 32, stride: int | None = None,
-                 scale: int = 1) -> Dataset:
-    """``size`` x ``size`` RGB crops every ``stride`` pixels of each photograph (labelled
-    by the photograph); ``source``: ``sklearn`` or a directory of images."""
+                 scale: int = 1, grid: int = 1) -> Dataset:
+    """``size`` x ``size`` RGB crops every ``stride`` pixels of each photograph, labelled
+    by the photograph and, with ``grid`` > 1, by which cell of a ``grid`` x ``grid``
+    division of it the crop's centre lies in (a finer task for a feature classifier);
+    ``source``: ``sklearn`` or a directory of images."""
     from PIL import Image, UnidentifiedImageError
 
     stride = stride or max(1, size // 2)
-    if size < 2 or stride < 1 or scale < 1:
-        raise InvalidArgument("data", "patches: size >= 2, stride >= 1 and scale >= 1 required")
+    if size < 2 or stride < 1 or scale < 1 or grid < 1:
+        raise InvalidArgument("data", "patches: size >= 2 and stride, scale, grid >= 1 required")
     photos: list[tuple[str, np.ndarray]] = []
     if source == "sklearn":
         from sklearn.datasets import load_sample_images
@@ -338,14 +341,19 @@ def load_patches(source: str, *, size: int = 32, stride: int | None = None,
             h, w = photo.shape[0] // scale, photo.shape[1] // scale
             photo = np.asarray(Image.fromarray(photo).resize((w, h), Image.Resampling.BOX))
         chw = photo.transpose(2, 0, 1)  # (3, H, W)
-        for top in range(0, chw.shape[1] - size + 1, stride):
-            for left in range(0, chw.shape[2] - size + 1, stride):
+        height, width = chw.shape[1:]
+        for top in range(0, height - size + 1, stride):
+            for left in range(0, width - size + 1, stride):
                 crops.append(chw[:, top:top + size, left:left + size])
-                labels.append(k)
+                row = min(grid - 1, (top + size // 2) * grid // height)
+                col = min(grid - 1, (left + size // 2) * grid // width)
+                labels.append(k * grid * grid + row * grid + col)
     if not crops:
         raise InvalidArgument("data", f"patches: every photograph is smaller than {size} px")
-    return Dataset(np.stack(crops).astype(np.uint8), np.array(labels), 256,
-                   [name for name, _ in photos], name=f"patches:{source}")
+    names = [name if grid == 1 else f"{name}-{r}-{c}" for name, _ in photos
+             for r in range(grid) for c in range(grid)]
+    return Dataset(np.stack(crops).astype(np.uint8), np.array(labels), 256, names,
+                   name=f"patches:{source}")
 
 
 def load_npz(path: Path, *, x: str = "x", y: str = "y", levels: int | None = None) -> Dataset:
@@ -453,7 +461,8 @@ def load(spec: str = "digits") -> Dataset:
         data = load_text(path, seq_len=_int_option(opts, "seq_len") or 64)
     elif kind == "patches":
         data = load_patches(location, size=_int_option(opts, "size") or 32,
-                            stride=_int_option(opts, "stride"), scale=_int_option(opts, "scale") or 1)
+                            stride=_int_option(opts, "stride"), scale=_int_option(opts, "scale") or 1,
+                            grid=_int_option(opts, "grid") or 1)
     else:
         raise InvalidArgument(
             "data", f"unknown data kind {kind!r}; use digits, mnist:, cifar10:, folder:, npz:, text:, "

@@ -157,12 +157,13 @@ def test_bits_per_dim(model: GenerativeModel, test: Dataset, batch_size: int = 1
 
 def evaluate_model(model: GenerativeModel, splits: Splits, *, store: ModelStore,
                    num_samples: int = 1000, seed: int = 0, batch_size: int = 250,
-                   progress: bool = False, unlabelled: bool = True, **options: Any
-                   ) -> QualityReport:
+                   progress: bool = False, without_labels: bool = True, score: bool = True,
+                   **options: Any) -> QualityReport:
     """Measure ``model`` against the real test split (see the module docstring).
 
-    Conditional models are sampled with balanced labels; with ``unlabelled`` also without
-    labels (the call a client that passes none makes), reported as ``unlabelled_*``.
+    Conditional models are sampled with balanced labels; with ``without_labels`` also
+    without labels (the call a client that passes none makes), reported as ``unlabelled_*``;
+    ``score=False`` skips the test split's bits/dim.
     """
     model.eval()
     samples, labels, seconds = draw(model, num_samples, seed=seed, batch_size=batch_size,
@@ -170,7 +171,7 @@ def evaluate_model(model: GenerativeModel, splits: Splits, *, store: ModelStore,
     report = QualityReport(family=model.family, num_samples=num_samples,
                            sample_ms=1000 * seconds / num_samples, batch_size=batch_size,
                            score_kind=model.score_kind.value if model.score_kind else None)
-    report.test_bits_per_dim = test_bits_per_dim(model, splits.test)
+    report.test_bits_per_dim = test_bits_per_dim(model, splits.test) if score else None
     if splits.train.kind == "text":
         report.text_samples = decode_text(samples[:8].numpy(), splits.train.vocab)
         return report
@@ -197,7 +198,7 @@ def evaluate_model(model: GenerativeModel, splits: Splits, *, store: ModelStore,
     report.real_mean_confidence = float(p_test.max(1).values.mean())
     if labels is not None:
         report.label_accuracy = float((pred == labels).float().mean())
-        if unlabelled:
+        if without_labels:
             free, _, _ = draw(model, num_samples, seed=seed, batch_size=batch_size,
                               balanced_labels=False, progress=progress, **options)
             f_free, p_free = embed(clf, free)

@@ -42,7 +42,8 @@ from services.models.base import (
 )
 from services.models.noise import Noise
 
-_DENSITY_ROWS = 8192  # rows per density evaluation when scoring (bounds memory)
+_DENSITY_ROWS = 8192  # rows per density evaluation when scoring (bounds memory) ...
+_DENSITY_VALUES = 2**20  # ... and values (rows x D) per evaluation
 
 @dataclass(frozen=True)
 class FlowConfig(ModelConfig):
@@ -178,7 +179,8 @@ class FlowModel(GenerativeModel):
         gen = torch.Generator().manual_seed(0)
         u = torch.rand((samples, *k.shape), generator=gen).to(k.device)  # (S, B, D)
         b = k.shape[0]
-        per_pass = max(1, _DENSITY_ROWS // b)  # dequantisation samples per pass: bounded memory
+        rows = min(_DENSITY_ROWS, _DENSITY_VALUES // k.shape[1])
+        per_pass = max(1, rows // b)  # dequantisation samples per pass: bounded memory
         parts = []
         for lo in range(0, samples, per_pass):
             n = min(per_pass, samples - lo)

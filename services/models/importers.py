@@ -186,7 +186,7 @@ def _read_weights(directory: Path, unet_dir: Path) -> dict[str, Tensor]:
 
 
 def diffusers_pipeline(directory: Path | str, *, null_label: bool = False, levels: int = 256,
-                       sampling_steps: int = 20) -> DiffusionModel:
+                       sampling_steps: int = 20, invariant_batch: int = 8) -> DiffusionModel:
     """A ``DiffusionModel`` holding the pipeline's UNet and noising process (eval mode).
 
     Args:
@@ -196,6 +196,8 @@ def diffusers_pipeline(directory: Path | str, *, null_label: bool = False, level
             classifier-free guidance; without it every call needs labels or draws them.
         levels: values per pixel of the data it models (256: 8-bit images).
         sampling_steps: default solver steps of a call.
+        invariant_batch: the UNet runs on chunks of this many rows, so a sample's bits do
+            not depend on its batch-mates (0: off, faster for single samples).
 
     Raises:
         InvalidArgument: an unsupported or unreadable pipeline, one line naming what.
@@ -216,6 +218,7 @@ def diffusers_pipeline(directory: Path | str, *, null_label: bool = False, level
             channels=channels, image_size=size, levels=levels,
             num_classes=embeds - 1 if null_label else embeds, null_label=null_label or not embeds,
             sampling_steps=min(sampling_steps, schedule["num_train_steps"]),
+            invariant_batch=invariant_batch,
             unet={k: v for k, v in unet.items() if not k.startswith("_")}, **schedule)
         model = DiffusionModel(config)
     except (ValueError, TypeError) as exc:

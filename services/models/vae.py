@@ -33,7 +33,8 @@ from services.models.base import (
 )
 from services.models.noise import Noise
 
-_DECODE_ROWS = 4096  # latents per decoder pass when scoring (bounds memory)
+_DECODE_ROWS = 4096  # latents per decoder pass when scoring (bounds memory) ...
+_DECODE_LOGITS = 2**25  # ... and logits per pass (C x levels x H x W each: 786k at 32x32x3)
 
 @dataclass(frozen=True)
 class VAEConfig(ModelConfig):
@@ -225,8 +226,8 @@ class VAEModel(GenerativeModel):
                callback: StepCallback | None = None) -> Tensor:
         """ELBO or IWAE bound on log p(x | labels), nats, (B,).
 
-        The decoder runs on at most ``_DECODE_ROWS`` latents at a time, so memory does not
-        grow with S; ``callback`` is called after each such pass.
+        The decoder runs on at most ``_DECODE_ROWS`` latents and ``_DECODE_LOGITS`` logits at
+        a time, so memory does not grow with S; ``callback`` is called after each pass.
         """
         b = x.shape[0]
         y = self._onehot(labels, b, x.device)
@@ -237,7 +238,9 @@ class VAEModel(GenerativeModel):
         eps = torch.randn((s, *mu.shape), generator=gen).to(x.device)  # (S, B, Z)
         std = (0.5 * logvar).exp()
         z = mu + eps * std
-        per_pass = max(1, _DECODE_ROWS // b)  # importance samples per decoder pass
+        c = self.config
+        rows = min(_DECODE_ROWS, _DECODE_LOGITS // (c.channels * c.levels * c.image_size ** 2))
+        per_pass = max(1, rows // b)  # importance samples per decoder pass
         parts = []
         for lo in range(0, s, per_pass):
             zs = z[lo:lo + per_pass]  # (S', B, Z)

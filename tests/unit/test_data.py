@@ -156,6 +156,9 @@ def test_patches_of_the_sklearn_photographs() -> None:
     small = datasets.load("patches:sklearn?size=16&stride=16&scale=2&limit=5")
     assert small.shape == (3, 16, 16) and len(small) == 5
     assert datasets.load("patches:sklearn?stride=64").values.dtype == np.uint8
+    regions = datasets.load("patches:sklearn?grid=3")
+    assert regions.num_classes == 18 and regions.class_names[:2] == ["china-0-0", "china-0-1"]
+    assert regions.labels is not None and set(regions.labels.tolist()) == set(range(18))
 
 
 def test_patches_of_a_folder_and_errors(tmp_path: Path) -> None:

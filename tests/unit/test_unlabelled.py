@@ -82,5 +82,10 @@ def test_quality_report_shows_labelled_and_unlabelled_calls(tmp_path: Path) -> N
     assert "FD / floor, no labels" in report.table()
     assert "unlabelled_fd" in report.to_json()
     skipped = evaluate_model(m, splits, store=ModelStore(tmp_path), num_samples=60,
-                             batch_size=60, unlabelled=False)
-    assert skipped.unlabelled_fd is None
+                             batch_size=60, without_labels=False, score=False)
+    assert skipped.unlabelled_fd is None and skipped.test_bits_per_dim is None
+    assert report.test_bits_per_dim is not None
+    # a sampler option named like the report's switches still reaches the sampler
+    branch = evaluate_model(m, splits, store=ModelStore(tmp_path), num_samples=60,
+                            batch_size=60, score=False, unlabelled="unconditional")
+    assert branch.fd == report.fd and branch.unlabelled_fd != report.unlabelled_fd
