@@ -16,7 +16,9 @@ One module per group of commands, each with ``add_parsers``; they share
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -54,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("genfleet: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `genfleet models | head`: the reader left; not an error of ours
+        with contextlib.suppress(OSError, ValueError):  # no flush error at exit either
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     log.debug("done in %.1f s", time.perf_counter() - started)
     return code
 

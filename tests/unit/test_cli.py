@@ -135,3 +135,16 @@ def test_an_orderly_shutdown_stops_the_watch_before_the_head_goes() -> None:
     assert state.get("unwatched") is True
     assert gateway.calls == ["start", "stop 3.0"]
     state["lost"]("the head stopped after the loop closed")  # type: ignore[operator]
+
+
+def test_a_reader_that_leaves_the_pipe_is_not_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    class Closed(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", Closed())
+    from cluster.cli.main import main as cli_main
+
+    assert cli_main(["models", "--families"]) == 0
