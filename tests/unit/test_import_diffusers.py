@@ -247,3 +247,20 @@ def test_imported_models_serve_over_grpc(store: Path, gateway: GatewayThread) ->
         assert guided.samples is not None and guided.samples.shape == (2, 1, 32, 32)
         latents = client.encode("grey", guided.samples, labels=[0, 2], options={"steps": 2})
         assert latents.shape == (2, 1, 32, 32)
+
+
+def test_eval_of_an_imported_model_takes_a_data_spec(store: Path, tmp_path: Path,
+                                                      capsys: Any) -> None:
+    from PIL import Image
+
+    args = ["-q", "--store", str(store), "eval", "photos", "-n", "20", "--set", "steps=2"]
+    assert genfleet(args) == 2  # no training data recorded: one line asking for --data
+    assert "pass --data SPEC" in capsys.readouterr().err
+    grid, report = tmp_path / "photos.png", tmp_path / "report.json"
+    assert genfleet([*args, "--data", "patches:sklearn?stride=64&limit=80", "--out", str(grid),
+                     "--json", str(report)]) == 0
+    metrics = json.loads(report.read_text())
+    assert metrics["fd"] > 0 and metrics["fd_floor"] > 0 and "test_bits_per_dim" in metrics
+    with Image.open(grid) as im:  # 32x32 RGB samples, tiled in colour
+        pixels = np.asarray(im.convert("RGB")).astype(int)
+    assert im.width > 10 * 32 and (np.abs(pixels[..., 0] - pixels[..., 2]) > 20).mean() > 0.01
