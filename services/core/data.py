@@ -289,7 +289,8 @@ def load_image_folder(path: Path, *, size: int | None = None, mode: str = "L") -
                 if size is not None:
                     im = im.resize((size, size), Image.Resampling.BILINEAR)
                 arr = np.asarray(im, dtype=np.uint8)
-            except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError,
+                    SyntaxError) as exc:
                 raise DataError(file, f"unreadable image ({exc})") from exc
             arr = arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
             if images and arr.shape != images[0].shape:
@@ -330,7 +331,8 @@ def load_patches(source: str, *, size: int = 32, stride: int | None = None,
             try:
                 with Image.open(file) as opened:
                     photos.append((file.stem, np.asarray(opened.convert("RGB"))))
-            except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError,
+                    SyntaxError) as exc:
                 raise DataError(file, f"unreadable image ({exc})") from exc
         if not photos:
             raise DataError(directory, "no images found")
@@ -339,6 +341,8 @@ def load_patches(source: str, *, size: int = 32, stride: int | None = None,
     for k, (_, photo) in enumerate(photos):
         if scale > 1:
             h, w = photo.shape[0] // scale, photo.shape[1] // scale
+            if min(h, w) < size:
+                continue  # too small for one crop once shrunk
             photo = np.asarray(Image.fromarray(photo).resize((w, h), Image.Resampling.BOX))
         chw = photo.transpose(2, 0, 1)  # (3, H, W)
         height, width = chw.shape[1:]
@@ -349,7 +353,8 @@ def load_patches(source: str, *, size: int = 32, stride: int | None = None,
                 col = min(grid - 1, (left + size // 2) * grid // width)
                 labels.append(k * grid * grid + row * grid + col)
     if not crops:
-        raise InvalidArgument("data", f"patches: every photograph is smaller than {size} px")
+        raise InvalidArgument("data", f"patches: every photograph is smaller than {size} px"
+                                      + (f" once shrunk by {scale}" if scale > 1 else ""))
     names = [name if grid == 1 else f"{name}-{r}-{c}" for name, _ in photos
              for r in range(grid) for c in range(grid)]
     return Dataset(np.stack(crops).astype(np.uint8), np.array(labels), 256, names,

@@ -170,6 +170,11 @@ def test_patches_of_a_folder_and_errors(tmp_path: Path) -> None:
     assert data.class_names == ["a", "b"] and len(data) == 2 * 4 * 5
     with pytest.raises(InvalidArgument, match="smaller than 64"):
         datasets.load(f"patches:{tmp_path}?size=64")
+    with pytest.raises(InvalidArgument, match="once shrunk by 1000"):
+        datasets.load("patches:sklearn?scale=1000")
+    (tmp_path / "c.png").write_bytes(b"\x89PNG not really")
+    with pytest.raises(DataError, match="unreadable image"):
+        datasets.load(f"patches:{tmp_path}")
     with pytest.raises(DataError, match="not a directory"):
         datasets.load(f"patches:{tmp_path / 'missing'}")
     with pytest.raises(InvalidArgument, match="unknown options"):
