@@ -213,6 +213,7 @@ def diffusers_pipeline(directory: Path | str, *, null_label: bool = False, level
     if null_label and embeds < 2:
         raise _refuse(directory, "null_label needs a class-conditional UNet (num_class_embeds "
                                  ">= 2)")
+    state = _read_weights(directory, directory / "unet")
     try:
         config = DiffusionConfig(
             channels=channels, image_size=size, levels=levels,
@@ -220,10 +221,17 @@ def diffusers_pipeline(directory: Path | str, *, null_label: bool = False, level
             sampling_steps=min(sampling_steps, schedule["num_train_steps"]),
             invariant_batch=invariant_batch,
             unet={k: v for k, v in unet.items() if not k.startswith("_")}, **schedule)
+        with torch.device("meta"):  # the config's size, allocating nothing
+            wanted = sum(p.numel() for p in DiffusionModel(config).net.parameters())
+        # a config larger than its weights is refused before it is built (a hostile or
+        # mistaken config.json could otherwise ask for terabytes)
+        if wanted != sum(v.numel() for v in state.values()):
+            raise _refuse(directory, f"unet weights do not fit its config ({wanted:,} "
+                                     f"parameters in the config, "
+                                     f"{sum(v.numel() for v in state.values()):,} in the weights)")
         model = DiffusionModel(config)
     except (ValueError, TypeError) as exc:
         raise _refuse(directory, f"unet config not supported ({exc})") from None
-    state = _read_weights(directory, directory / "unet")
     try:
         model.net.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
     except RuntimeError as exc:

@@ -165,6 +165,8 @@ def _edit_json(path: Path, **changes: Any) -> None:
      "not a readable safetensors"),
     (lambda d: _edit_json(d / "unet" / "config.json", block_out_channels=[16, 64]),
      "weights do not fit"),
+    (lambda d: _edit_json(d / "unet" / "config.json", block_out_channels=[10**6, 10**6]),
+     "weights do not fit"),  # terabytes of parameters: refused before anything is built
 ])
 def test_unsupported_layouts_are_refused_in_one_line(rgb: Path, tmp_path: Path, change: Any,
                                                      message: str) -> None:
