@@ -155,6 +155,11 @@ def test_bits_per_dim(model: GenerativeModel, test: Dataset, batch_size: int = 1
     return float(torch.cat(values).mean())
 
 
+def _class_share(probs: torch.Tensor, k: int) -> np.ndarray:
+    """Share of each of ``k`` classes among the classifier's predictions ``(N, K)``."""
+    return np.bincount(probs.argmax(1).numpy(), minlength=k) / len(probs)
+
+
 def evaluate_model(model: GenerativeModel, splits: Splits, *, store: ModelStore,
                    num_samples: int = 1000, seed: int = 0, batch_size: int = 250,
                    progress: bool = False, without_labels: bool = True, score: bool = True,
@@ -189,11 +194,11 @@ def evaluate_model(model: GenerativeModel, splits: Splits, *, store: ModelStore,
     report.fd = frechet_distance(f_gen.numpy(), f_test.numpy())
     report.fd_ratio = report.fd / report.fd_floor
     pred = p_gen.argmax(1)
-    share = np.bincount(pred.numpy(), minlength=k) / len(pred)
+    share = _class_share(p_gen, k)
     report.class_share = [round(float(s), 4) for s in share]
     report.min_class_share = float(share.min())
     report.mean_confidence = float(p_gen.max(1).values.mean())
-    real_share = np.bincount(p_test.argmax(1).numpy(), minlength=k) / len(p_test)
+    real_share = _class_share(p_test, k)
     report.real_class_share = [round(float(s), 4) for s in real_share]
     report.real_mean_confidence = float(p_test.max(1).values.mean())
     if labels is not None:
@@ -204,8 +209,7 @@ def evaluate_model(model: GenerativeModel, splits: Splits, *, store: ModelStore,
             f_free, p_free = embed(clf, free)
             report.unlabelled_fd = frechet_distance(f_free.numpy(), f_test.numpy())
             report.unlabelled_fd_ratio = report.unlabelled_fd / report.fd_floor
-            free_share = np.bincount(p_free.argmax(1).numpy(), minlength=k) / len(p_free)
-            report.unlabelled_min_class_share = float(free_share.min())
+            report.unlabelled_min_class_share = float(_class_share(p_free, k).min())
     if model.family == "ebm":
         init, _, _ = draw(model, num_samples, seed=seed, batch_size=batch_size, init_only=True)
         f_init, _ = embed(clf, init)
