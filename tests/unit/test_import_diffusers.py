@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import (
+    DDIMPipeline,
     DDIMScheduler,
     DDPMPipeline,
     DDPMScheduler,
@@ -106,6 +107,20 @@ def test_unconditional_rgb_samples_equal_the_diffusers_schedulers(rgb: Path, sol
     assert torch.equal(alone[0], ours[1])
     z = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     _assert_close(model.decode(z, steps=STEPS), _reference(rgb, z, None, "ddim"))
+
+
+def test_decode_equals_the_ddim_pipelines_own_output(rgb: Path) -> None:
+    """``DDIMPipeline.__call__`` itself (eta 0) from the noise its generator draws."""
+    config = json.loads((rgb / "scheduler" / "scheduler_config.json").read_text())
+    pipe = DDIMPipeline(unet=UNet2DModel.from_pretrained(rgb / "unet").eval(),
+                        scheduler=DDIMScheduler.from_config(
+                            config, timestep_spacing="trailing", clip_sample=True,
+                            set_alpha_to_one=True))
+    images = pipe(batch_size=2, generator=torch.Generator().manual_seed(3), eta=0.0,
+                  num_inference_steps=STEPS, output_type="np").images  # (B, H, W, C)
+    theirs = (torch.from_numpy(images).permute(0, 3, 1, 2) * 255).round() / 255
+    z = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))  # its noise
+    _assert_close(diffusers_pipeline(rgb).decode(z, steps=STEPS), theirs)
 
 
 @pytest.mark.parametrize("solver", ["ddim", "dpmsolver++"])
