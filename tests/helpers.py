@@ -18,6 +18,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import torch
 
@@ -143,12 +144,35 @@ def require_tool(name: str, install: str) -> str:
     return found
 
 
+def wait_serving(state: dict[str, Any], proc: subprocess.Popen[bytes], log_path: Path,
+                 deadline: float) -> None:
+    """Until the gateway of ``state`` (up.json) reports every model SERVING."""
+    from services.gateway.client import GenfleetClient
+
+    with GenfleetClient(state["target"], timeout=10) as client:
+        for name in state["models"]:
+            while not _serves(client, name):
+                assert proc.poll() is None, log_path.read_text()
+                assert time.monotonic() < deadline, f"{name} not serving in time:\n" \
+                    f"{log_path.read_text()[-3000:]}"
+                time.sleep(0.5)
+
+
+def _serves(client: Any, name: str) -> bool:
+    try:
+        return bool(client.health(name) == "SERVING")
+    except grpc.RpcError:  # not known to the health service yet
+        return False
+
+
 @contextlib.contextmanager
-def genfleet_up(base: Path, *flags: str, timeout_s: float = 300.0) -> Iterator[dict[str, Any]]:
+def genfleet_up(base: Path, *flags: str, timeout_s: float = 300.0, serving: bool = True
+                ) -> Iterator[dict[str, Any]]:
     """`genfleet up` on the store ``base/store`` in its own process group, with ``flags``;
-    yields its up.json (plus "log": its output file) once it serves; SIGTERM at the end
-    (SIGKILL to its group if it does not stop within a minute), after which it must have
-    exited 0 without a traceback."""
+    yields its up.json (plus "log": its output file) once the gateway answers and, with
+    ``serving``, once every model it serves is SERVING (a model without a checkpoint is
+    trained in the background first); SIGTERM at the end (SIGKILL to its group if it does
+    not stop within a minute), after which it must have exited 0 without a traceback."""
     exe = Path(sys.executable).parent / "genfleet"
     log_path = base / "up.log"
     with log_path.open("w") as log:
@@ -164,6 +188,8 @@ def genfleet_up(base: Path, *flags: str, timeout_s: float = 300.0) -> Iterator[d
                 assert time.monotonic() < deadline, f"genfleet up: not within {timeout_s} s"
                 time.sleep(0.5)
             state: dict[str, Any] = json.loads(state_file.read_text())
+            if serving:
+                wait_serving(state, proc, log_path, deadline)
             yield {**state, "log": log_path}
         finally:
             proc.send_signal(signal.SIGTERM)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import copy
 import json
 import os
 import signal
@@ -26,24 +27,22 @@ from cluster.cli.common import (
 from services.core.errors import InvalidArgument
 
 
-def _train_missing(store: Any, names: list[str], minutes: float, progress: bool) -> None:
+def _missing(store: Any, names: list[str]) -> list[str]:
+    """The models of the config that have no checkpoint (each must be a family's name)."""
     from services.models import FAMILIES
-    from services.training.recipes import train_and_save
 
-    for name in names:
-        if store.versions(name):
-            continue
+    missing = [n for n in names if not store.versions(n)]
+    for name in missing:
         if name not in FAMILIES:
             raise InvalidArgument("models", f"{name!r} has no checkpoint and is not a family name; "
                                             f"train it: genfleet train FAMILY --local --name {name}")
-        print(f"[{name}] no checkpoint in {store.root}: training (cap {minutes} min)", flush=True)
-        train_and_save(name, store=store, train_overrides={"max_minutes": minutes},
-                       progress=progress)
+    return missing
 
 
 async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, started: float,
-                         gateway_settings: Any) -> str | None:
-    """Serve until a signal (None) or until the embedded Ray head dies (its reason)."""
+                         gateway_settings: Any, training: Any) -> str | None:
+    """Serve until a signal (None) or until the embedded Ray head dies (its reason);
+    ``training`` (a ``BackgroundTraining`` or None) starts once the gateway answers."""
     from cluster.batch.manager import BatchManager
     from services.gateway.grpc_server import Gateway
     from services.serving import ray_cluster
@@ -52,6 +51,7 @@ async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, star
     batch_root = Path(args.batch_root) if args.batch_root else store.root.parent / "batches"
     batches = BatchManager(store, batch_root)
     gateway = Gateway(ServeBackend(config.app_name), batches=batches, config=gateway_settings)
+    background: list[asyncio.Task[None]] = []
 
     async def announce(port: int) -> None:
         target = f"{args.host}:{port}"
@@ -62,6 +62,7 @@ async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, star
                  "http_port": gateway.http_port,
                  "models": list(config.models), "started": time.time(), "metrics": metrics}
         (run_dir(store) / "up.json").write_text(json.dumps(state))
+        served = [m for m in config.models if training is None or m in training.served]
         print(f"genfleet is up in {time.perf_counter() - started:.1f} s", flush=True)
         print(f"  gRPC gateway     {target}  (genfleet.v1.GenerationService, grpc.health.v1, "
               f"reflection{security_note(gateway)})")
@@ -71,7 +72,10 @@ async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, star
             scheme = "https" if gateway.config.tls else "http"
             print(f"  OIP v2 REST      {scheme}://{args.host}:{gateway.http_port}/v2")
         print(f"  models           "
-              f"{', '.join(f'{m}@{c.version}' for m, c in config.models.items())}")
+              f"{', '.join(f'{m}@{config.models[m].version}' for m in served) or 'none yet'}")
+        if training is not None:
+            print(f"  training         {', '.join(training.missing)} (in the background, one "
+                  f"at a time; each serves when trained; progress: genfleet status)")
         print(f"  model store      {store.root}")
         print(f"  batch jobs       genfleet.v1.BatchService, outputs under {batch_root}")
         for what, where in metrics.items():
@@ -79,11 +83,21 @@ async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, star
         if args.dashboard_port >= 0 and args.address is None:
             print(f"  Ray dashboard    http://127.0.0.1:{args.dashboard_port}")
         print("  stop with        genfleet down  (or Ctrl-C)", flush=True)
-        if args.demo:
-            await asyncio.to_thread(_demo, target, list(config.models), Path(args.demo), args)
+        if training is not None:
+            if args.demo:
+                training.on_served = lambda name: _demo(target, [name], Path(args.demo), args)
+            background.append(asyncio.get_running_loop().create_task(training.run()))
+        if args.demo and served:
+            await asyncio.to_thread(_demo, target, served, Path(args.demo), args)
 
     watch = ray_cluster.watch_head if args.address is None else None
-    return await serve_until_signal(gateway, args.grace, announce, watch)
+    try:
+        return await serve_until_signal(gateway, args.grace, announce, watch)
+    finally:
+        for task in background:
+            task.cancel()
+        if training is not None:
+            training.cancel()
 
 
 def _demo(target: str, models: list[str], out: Path, args: argparse.Namespace) -> None:
@@ -116,7 +130,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     settings = gateway_config(args)  # a misconfiguration refuses before any work
     store = open_store(args)
     config = load_config(args.config, models=args.models or None)
-    _train_missing(store, list(config.models), args.train_minutes, not args.quiet)
+    missing = _missing(store, list(config.models))
     print("starting Ray and the Serve application ...", flush=True)
     ray_cluster.start_cluster(args.address, num_cpus=args.num_cpus,
                           metrics_port=None if args.ray_metrics_port < 0 else args.ray_metrics_port,
@@ -124,8 +138,23 @@ def cmd_up(args: argparse.Namespace) -> int:
     embedded = args.address is None
     lost: str | None = None
     try:
-        operations.deploy(config, store)
-        lost = asyncio.run(_serve_gateway(args, store, config, started, settings))
+        training = None
+        served = [m for m in config.models if m not in missing]
+        if missing:
+            from cluster.train.background import BackgroundTraining
+
+            training = BackgroundTraining(
+                store, config, served, missing, minutes=args.train_minutes,
+                threads=args.train_threads or max(1, (os.cpu_count() or 2) - 1))
+            training.start_board()  # before the gateway answers: calls see "training"
+            serving = copy.deepcopy(config)
+            serving.models = {m: c for m, c in config.models.items() if m in served}
+            operations.deploy(serving, store)
+            for name in served:
+                config.models[name].version = serving.models[name].version
+        else:
+            operations.deploy(config, store)
+        lost = asyncio.run(_serve_gateway(args, store, config, started, settings, training))
     finally:
         (run_dir(store) / "up.json").unlink(missing_ok=True)
         if lost is None:
@@ -184,6 +213,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         busy = "-" if row.running is None else row.running
         print(f"{row.name:<16}{row.version or '-':>8}{row.status:>12}{running:>10}"
               f"{row.min_replicas:>5}{row.max_replicas:>5}{queued:>8}{busy:>9}  {row.replicas}")
+    from services.serving.pending import read_board
+
+    waiting = read_board(config.app_name)
+    if waiting:
+        print("not served yet (genfleet up trains them in the background, one at a time):")
+        for pending in waiting.values():
+            print(f"  {pending.line()}")
     up = run_dir(store) / "up.json"
     if up.exists():
         target = json.loads(up.read_text())["target"]
@@ -234,9 +270,12 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--batch-root", default=None,
                    help="BatchService outputs go below this directory (default: beside the store)")
     p.add_argument("--train-minutes", type=float, default=5.0,
-                   help="training cap for a family that has no checkpoint")
+                   help="training cap for a family that has no checkpoint (trained in the "
+                        "background while the others serve)")
+    p.add_argument("--train-threads", type=int, default=None,
+                   help="torch threads of that training (default: all cores but one)")
     p.add_argument("--demo", default=None, metavar="DIR",
-                   help="after start-up, write a grid from every model (via gRPC) to DIR")
+                   help="write a grid from every model (via gRPC) to DIR as it comes up")
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("down", help="stop what genfleet up started")

@@ -54,12 +54,16 @@ from services.core.errors import (
     Cancelled,
     DeadlineExceeded,
     Internal,
+    ModelNotFound,
     ModelNotReady,
     Overloaded,
 )
+from services.core.store import parse_ref
 from services.serving.backend import Backend
 from services.serving.coalesce import Coalescer
 from services.serving.lane import LaneAddress, LaneClient
+from services.serving.pending import PendingModel, find_board
+from services.serving.pending import parse as parse_board
 
 log = logging.getLogger("genfleet.backend")
 # no replica to take the call right now (not started, restarting, unreachable for a moment)
@@ -150,7 +154,9 @@ class ServeBackend(Backend):
         self.retries = retries
         self.info_ttl_s = info_ttl_s
         self._handles: dict[str, DeploymentHandle] = {}
-        self._names: list[str] | None = None
+        self._served: Cached[list[str]] = Cached(self._load_names, info_ttl_s)
+        self._pending: Cached[dict[str, PendingModel]] = Cached(self._load_pending, info_ttl_s)
+        self._board: Any = None
         self._infos: Cached[api.ModelInfo] = Cached(self._load_info, info_ttl_s)
         self._settings: Cached[dict[str, float]] = Cached(self._load_settings, info_ttl_s)
         self._replicas: Cached[dict[str, int]] = Cached(self._load_replicas, info_ttl_s)
@@ -163,15 +169,62 @@ class ServeBackend(Backend):
 
     # ---------------------------------------------------------------- models
     async def model_names(self, refresh: bool = False) -> list[str]:
-        if self._names is None or refresh:
-            try:
-                directory = serve.get_app_handle(self.app_name)
-                self._names = list(await directory.list.remote())
-            except (RayActorError, *_NO_REPLICA) as exc:
-                raise ModelNotReady(f"the {self.app_name} application is not ready") from exc
-            except (ValueError, RuntimeError) as exc:  # app not deployed
-                raise ModelNotReady(f"the {self.app_name} application is not running") from exc
-        return self._names
+        """The models served, then those still training for the app (``pending``)."""
+        served = await self.served_names(refresh)
+        return served + [n for n in await self.pending() if n not in served]
+
+    async def served_names(self, refresh: bool = False) -> list[str]:
+        """The model deployments of the app, as its Directory lists them (cached: a model
+        deployed later is seen within ``info_ttl_s``)."""
+        try:
+            return await self._served.get(self.app_name, fresh=refresh)
+        except TimeoutError:
+            raise ModelNotReady(f"the {self.app_name} application does not answer") from None
+
+    async def _load_names(self, app: str) -> list[str]:
+        try:
+            return list(await serve.get_app_handle(app).list.remote())
+        except (RayActorError, *_NO_REPLICA) as exc:
+            raise ModelNotReady(f"the {app} application is not ready") from exc
+        except (ValueError, RuntimeError) as exc:  # app not deployed
+            raise ModelNotReady(f"the {app} application is not running") from exc
+
+    async def pending(self) -> dict[str, PendingModel]:
+        """Models that ``genfleet up`` is training for the app (``services.serving.pending``);
+        empty when none or when the board cannot be read."""
+        try:
+            return await self._pending.get(self.app_name)
+        except Exception as exc:
+            log.debug("pending models not read: %s", exc)
+            return {}
+
+    async def _load_pending(self, app: str) -> dict[str, PendingModel]:
+        if self._board is None:
+            self._board = await asyncio.to_thread(find_board, app)
+            if self._board is None:
+                return {}
+        try:
+            return parse_board(await self._board.models.remote())
+        except RayActorError:  # its genfleet up has stopped
+            self._board = None
+            return {}
+
+    async def list_models(self) -> list[api.ModelInfo]:
+        """The served models (those still training have no info to give yet)."""
+        names = await self.served_names()
+        return list(await asyncio.gather(*(self.info(n) for n in names)))
+
+    async def resolve(self, ref: str) -> api.ModelInfo:
+        """As ``Backend.resolve``; a model still training -> its ``PendingModel`` error
+        (UNAVAILABLE saying so, with an estimate)."""
+        name, _ = parse_ref(ref)
+        served = await self.served_names()
+        if name not in served:
+            waiting = (await self.pending()).get(name)
+            if waiting is not None:
+                raise waiting.error_for_call()
+            raise ModelNotFound(f"no model named {name!r} is served (served: {served})")
+        return await super().resolve(ref)
 
     def _handle(self, name: str) -> DeploymentHandle:
         if name not in self._handles:
@@ -242,7 +295,9 @@ class ServeBackend(Backend):
     async def healthy(self, name: str | None = None) -> bool:
         """Overall (any model) or one model: a running replica answers ``info``."""
         try:
-            names = [name] if name else await self.model_names()
+            names = [name] if name else await self.served_names()
+            if name is not None and name not in await self.served_names():
+                return False  # still training, or unknown
             for n in names:
                 await asyncio.wait_for(self.info(n), timeout=5.0)
             return True

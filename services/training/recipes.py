@@ -19,7 +19,7 @@ from services.core import data as datasets
 from services.core.store import Checkpoint, ModelStore
 from services.models import GenerativeModel, ModelConfig, model_class
 from services.training.loop import TrainResult, fit
-from services.training.spec import TrainSpec, prepare, spec_from_config
+from services.training.spec import Prepared, TrainSpec, prepare, spec_from_config
 
 
 def train_and_save(
@@ -50,10 +50,11 @@ def train_and_save(
 
 def train_spec_locally(spec: TrainSpec, *, store: ModelStore, evaluate: bool = True,
                        eval_samples: int = 1000, progress: bool = True,
-                       log: Callable[[dict[str, float]], None] | None = None
-                       ) -> tuple[Checkpoint, TrainResult]:
-    """``spec`` trained in this process (no Ray: its worker settings are ignored)."""
-    setup = prepare(spec, distributed=False)
+                       log: Callable[[dict[str, float]], None] | None = None,
+                       setup: Prepared | None = None) -> tuple[Checkpoint, TrainResult]:
+    """``spec`` trained in this process (no Ray: its worker settings are ignored);
+    ``setup``: ``prepare(spec, distributed=False)`` when the caller has it already."""
+    setup = setup or prepare(spec, distributed=False)
     torch.manual_seed(setup.train.seed)  # the initial weights
     model = model_class(spec.family)(setup.config)
     result = fit(model, setup.splits, setup.train, progress=progress, log=log)
