@@ -23,6 +23,7 @@ from typing import Any
 
 import ray
 
+from services.core.errors import ModelNotFound
 from services.core.store import ModelStore
 from services.serving import operations
 from services.serving.config import ServeConfig
@@ -140,7 +141,7 @@ class BackgroundTraining:
             self._refs = [evaluation]
             self.served.append(name)
             try:
-                await asyncio.to_thread(self._deploy)
+                await asyncio.to_thread(self._deploy, name)
             except Exception as exc:
                 reason = _reason(exc)
                 self.served.remove(name)
@@ -170,10 +171,15 @@ class BackgroundTraining:
                 self.missing[j], ahead=self.missing[i + evaluating:j],
                 evaluating=name if evaluating else "")
 
-    def _deploy(self) -> None:
-        """The Serve application with the models served so far (versions pinned)."""
-        config = copy.deepcopy(self.config)
-        config.models = {n: m for n, m in config.models.items() if n in self.served}
+    def _deploy(self, name: str) -> None:
+        """Add ``name`` to the application as it is deployed now (so that a ``genfleet
+        scale`` or ``deploy`` made meanwhile is kept), its version pinned."""
+        try:
+            config = operations.load_state(self.store, self.config.app_name)
+        except ModelNotFound:  # no state saved: what up deployed
+            config = copy.deepcopy(self.config)
+            config.models = {n: m for n, m in config.models.items() if n in self.served}
+        config.models[name] = copy.deepcopy(self.config.models[name])
         operations.deploy(config, self.store)
 
     async def _hand_over(self, name: str) -> None:

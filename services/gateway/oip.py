@@ -32,7 +32,12 @@ from typing import Any
 import numpy as np
 
 from services.core import api
-from services.core.errors import InvalidArgument, ModelNotFound, UnsupportedOperation
+from services.core.errors import (
+    InvalidArgument,
+    ModelNotFound,
+    ModelNotReady,
+    UnsupportedOperation,
+)
 from services.core.options import MAX_OPTIONS
 from services.gateway.backend import Backend
 from services.gateway.codec import MAX_LABELS, MAX_TENSOR_ELEMENTS, MAX_TENSOR_RANK
@@ -523,7 +528,10 @@ class Service:
         server is ready: otherwise no model is)."""
         if not self._ready(None):
             return False
-        info = await self._info(model, version)
+        try:
+            info = await self._info(model, version)
+        except ModelNotReady:  # known but not served yet (still training): not ready
+            return False
         return self._ready(info.name)
 
     async def model_metadata(self, model: str, version: str) -> ModelMetadata:

@@ -61,10 +61,18 @@ class ModelConfig:
     image_size: int = 8
     levels: int = 17  # discrete values per dimension (17 for digits, 256 for 8-bit images)
     num_classes: int = 10  # 0: no labels
+    # Batch invariance (``GenerativeModel.invariant``): > 0 runs the sampling network on
+    # chunks of exactly this many rows, padded with copies, so that a sample's bits do not
+    # depend on how many were batched with it (CPU and CUDA kernels pick their algorithm
+    # by batch size). The 17-level digits grid absorbs those last bits (0: the batch as it
+    # comes, fastest); the 256-level presets and imports use 8 (README: measured cost).
+    invariant_batch: int = 0
 
     def __post_init__(self) -> None:
         if self.channels < 1 or self.image_size < 1:
             raise ValueError("channels and image_size must be positive")
+        if self.invariant_batch < 0:
+            raise ValueError("invariant_batch must be >= 0")
         if self.levels < 2:
             raise ValueError("levels must be at least 2")
         if self.num_classes < 0:
@@ -217,8 +225,22 @@ class GenerativeModel(nn.Module, abc.ABC):
         """``sample`` for a request already validated and resolved (the serving path checks
         requests once, in ``services.core.validation``): labels on this model's device,
         every option present. Nothing is checked again here."""
-        noise = Noise(seeds, self.device)
-        return self.postprocess(self._sample(noise, labels=labels, callback=callback, **options))
+        n = self.config.invariant_batch
+        if not n or len(seeds) == n:
+            noise = Noise(seeds, self.device)
+            return self.postprocess(self._sample(noise, labels=labels, callback=callback,
+                                                 **options))
+        # batch invariance (config.invariant_batch): the whole sampler on chunks of n rows
+        outs = []
+        for lo in range(0, len(seeds), n):
+            chunk, part = list(seeds[lo:lo + n]), None if labels is None else labels[lo:lo + n]
+            k = len(chunk)
+            if k < n:  # copies of a real row: valid inputs with streams of their own, dropped
+                chunk += [chunk[0]] * (n - k)
+                part = None if part is None else torch.cat([part, part[:1].expand(n - k)])
+            noise = Noise(chunk, self.device)
+            outs.append(self._sample(noise, labels=part, callback=callback, **options)[:k])
+        return self.postprocess(torch.cat(outs))
 
     def check_sample_request(self, n: int, labels: Tensor | None, options: Mapping[str, Any]
                              ) -> tuple[Tensor | None, dict[str, Any]]:
@@ -353,6 +375,27 @@ class GenerativeModel(nn.Module, abc.ABC):
     def _random_labels(self, noise: Noise) -> Tensor:
         """A class per sample drawn from that sample's own stream."""
         return noise.randint(self.config.num_classes)
+
+    def invariant(self, fn: Callable[..., Tensor], *rows: Tensor | None) -> Tensor:
+        """``fn(*rows)`` (each a batch of the same B rows, or None), computed on chunks of
+        exactly ``config.invariant_batch`` rows (the last padded with copies of its first
+        row, whose results are dropped), so that row i of the result has the same bits
+        whatever B is; as one call when the setting is 0. ``sample`` chunks the whole
+        sampler this way already; families call this where a network maps rows that did
+        not come through it (decode, or a sampler that doubles its rows for guidance)."""
+        n = self.config.invariant_batch
+        b = next(r for r in rows if r is not None).shape[0]
+        if not n or b == n:
+            return fn(*rows)
+        outs = []
+        for lo in range(0, b, n):
+            parts = [None if r is None else r[lo:lo + n] for r in rows]
+            k = min(n, b - lo)
+            if k < n:  # valid inputs (copies of a real row); their results are dropped
+                parts = [None if p is None else torch.cat([p, p[:1].expand(n - k, *p.shape[1:])])
+                         for p in parts]
+            outs.append(fn(*parts)[:k])
+        return torch.cat(outs)
 
     @staticmethod
     def _step(callback: StepCallback | None, step: int, total: int) -> None:

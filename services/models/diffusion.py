@@ -62,12 +62,7 @@ class DiffusionConfig(ModelConfig):
     # conditional: the last class embedding is the "no label" one (trained by label
     # dropout), which classifier-free guidance and unlabelled scoring/encoding need
     null_label: bool = True
-    # > 0: the network runs on chunks of exactly this many rows (the last one padded).
-    # CPU and GPU kernels pick algorithms by batch size, so outputs differ in the last
-    # float bits between batch sizes; only a fixed shape makes a sample's bits independent
-    # of its batch-mates. The 17-level digits grid absorbs those bits (0: the batch as it
-    # comes, fastest); 256-level presets and imports use 8 (README: the measured cost).
-    invariant_batch: int = 0
+    # (invariant_batch, shared by every family, is in ModelConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -75,8 +70,6 @@ class DiffusionConfig(ModelConfig):
             raise ValueError(f"sampling_steps must be in (0, {self.num_train_steps}]")
         if self.unet is None and self.image_size % (2 ** (len(self.width_mults) - 1)):
             raise ValueError("image_size must be divisible by 2**(len(width_mults)-1)")
-        if self.invariant_batch < 0:
-            raise ValueError("invariant_batch must be >= 0")
         if self.prediction_type not in PREDICTION_TYPES:
             raise ValueError(f"prediction_type must be one of {list(PREDICTION_TYPES)}")
         unknown = sorted(set(self.noise_schedule or {}) - set(NOISE_SCHEDULE_KEYS))
@@ -227,20 +220,9 @@ class DiffusionModel(GenerativeModel):
         return ab.sqrt() * out + (1 - ab).sqrt() * x_t  # v = sqrt(ab) eps - sqrt(1-ab) x_0
 
     def _run_net(self, x: Tensor, t: Tensor, labels: Tensor | None) -> Tensor:
-        """``net(x, t, labels)`` in chunks of ``invariant_batch`` rows (see the config)."""
-        n, b = self.config.invariant_batch, x.shape[0]
-        if not n or b == n:
-            return self.net(x, t, class_labels=labels).sample
-        outs = []
-        for lo in range(0, b, n):
-            parts = [x[lo:lo + n], t[lo:lo + n], None if labels is None else labels[lo:lo + n]]
-            k = parts[0].shape[0]  # type: ignore[union-attr]
-            if k < n:  # pad with copies of a real row: valid inputs, results dropped
-                parts = [None if p is None else torch.cat([p, p[:1].expand(n - k, *p.shape[1:])])
-                         for p in parts]
-            xs, ts, ls = parts
-            outs.append(self.net(xs, ts, class_labels=ls).sample[:k])
-        return torch.cat(outs)
+        """``net(x, t, labels)``, batch-invariant (``invariant``; see the config)."""
+        return self.invariant(lambda xs, ts, ls: self.net(xs, ts, class_labels=ls).sample,
+                              x, t, labels)
 
     def _target(self, x0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
         """What the network is trained to predict (its ``prediction_type``)."""

@@ -84,8 +84,10 @@ class EnergyModel(GenerativeModel):
                       "ema_decay": 0.99, "val_every": 1000, "grad_clip": 1.0}
     presets = {
         "digits": Preset(PRESET_SHAPES["digits"]),
-        "mnist": Preset(PRESET_SHAPES["mnist"], {"width": 48}, {"epochs": 10}),
-        "cifar10": Preset(PRESET_SHAPES["cifar10"], {"width": 64}, {"epochs": 20}),
+        "mnist": Preset(PRESET_SHAPES["mnist"], {"width": 48, "invariant_batch": 8},
+                        {"epochs": 10}),
+        "cifar10": Preset(PRESET_SHAPES["cifar10"], {"width": 64, "invariant_batch": 8},
+                          {"epochs": 20}),
     }
 
     def __init__(self, config: EBMConfig) -> None:

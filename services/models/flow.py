@@ -82,10 +82,11 @@ class FlowModel(GenerativeModel):
     presets = {
         "digits": Preset(PRESET_SHAPES["digits"]),
         # fully connected couplings grow with D^2: fewer, narrower ones at larger sizes
-        "mnist": Preset(PRESET_SHAPES["mnist"], {"transforms": 6, "hidden": (256,), "bins": 6},
+        "mnist": Preset(PRESET_SHAPES["mnist"], {"transforms": 6, "hidden": (256,), "bins": 6,
+                                                        "invariant_batch": 8},
                         {"epochs": 20, "val_every": 1}),
         "cifar10": Preset(PRESET_SHAPES["cifar10"],
-                          {"transforms": 4, "hidden": (256,), "bins": 4},
+                          {"transforms": 4, "hidden": (256,), "bins": 4, "invariant_batch": 8},
                           {"epochs": 40, "val_every": 2}),
     }
 
@@ -169,7 +170,8 @@ class FlowModel(GenerativeModel):
 
     def _decode(self, z: Tensor, *, labels: Tensor | None, callback: StepCallback | None,
                 temperature: float) -> Tensor:
-        s = self.flow(self._context(labels)).transform.inv(z.flatten(1))
+        s = self.invariant(lambda zs, ls: self.flow(self._context(ls)).transform.inv(zs),
+                           z.flatten(1), labels)
         return self._levels_from_y(self._from_logit(s))
 
     def _log_prob(self, x: Tensor, *, labels: Tensor | None, callback: StepCallback | None,

@@ -117,9 +117,11 @@ class GANModel(GenerativeModel):
                       "ema_decay": 0.999, "val_every": 1000}
     presets = {
         "digits": Preset(PRESET_SHAPES["digits"]),
-        "mnist": Preset(PRESET_SHAPES["mnist"], {"latent_dim": 64, "width": 64},
+        "mnist": Preset(PRESET_SHAPES["mnist"], {"latent_dim": 64, "width": 64,
+                                                        "invariant_batch": 8},
                         {"epochs": 20}),
-        "cifar10": Preset(PRESET_SHAPES["cifar10"], {"latent_dim": 128, "width": 64},
+        "cifar10": Preset(PRESET_SHAPES["cifar10"], {"latent_dim": 128, "width": 64,
+                                                            "invariant_batch": 8},
                           {"epochs": 40}),
     }
 
@@ -182,7 +184,7 @@ class GANModel(GenerativeModel):
         z = noise.randn(self.config.latent_dim) * truncation  # (B, Z)
         if self.config.num_classes and labels is None:
             labels = self._random_labels(noise)
-        out = self.generator(z, labels)
+        out = self.invariant(self.generator, z, labels)
         self._step(callback, 1, 1)
         return out
 
@@ -190,4 +192,4 @@ class GANModel(GenerativeModel):
                 truncation: float) -> Tensor:
         if self.config.num_classes and labels is None:
             raise InvalidArgument("labels", "this GAN is class-conditional: decode needs labels")
-        return self.generator(z, labels)
+        return self.invariant(self.generator, z, labels)

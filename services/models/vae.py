@@ -73,10 +73,11 @@ class VAEModel(GenerativeModel):
                       "val_every": 5, "select_best": True, "ema_decay": 0.995}
     presets = {
         "digits": Preset(PRESET_SHAPES["digits"]),
-        "mnist": Preset(PRESET_SHAPES["mnist"], {"latent_dim": 16, "width": 32, "hidden": 256},
+        "mnist": Preset(PRESET_SHAPES["mnist"], {"latent_dim": 16, "width": 32, "hidden": 256,
+                                                        "invariant_batch": 8},
                         {"epochs": 20, "val_every": 1}),
         "cifar10": Preset(PRESET_SHAPES["cifar10"],
-                          {"latent_dim": 32, "width": 32, "hidden": 256},
+                          {"latent_dim": 32, "width": 32, "hidden": 256, "invariant_batch": 8},
                           {"epochs": 40, "val_every": 2}),
     }
 
@@ -196,8 +197,8 @@ class VAEModel(GenerativeModel):
             labels = noise.categorical(self.class_prior.expand(len(noise), -1))
         p_mu, p_logvar = self._prior(labels, len(eps), eps.device)
         z = p_mu + eps * (0.5 * p_logvar).exp()  # z ~ p(z | c)
-        out = self._decode_output(self._logits(z, self._onehot(labels, len(z), z.device)),
-                                  output, noise)
+        logits = self.invariant(self._logits, z, self._onehot(labels, len(z), z.device))
+        out = self._decode_output(logits, output, noise)
         self._step(callback, 1, 1)
         return out
 
@@ -218,8 +219,8 @@ class VAEModel(GenerativeModel):
                 temperature: float, output: str) -> Tensor:
         if self.config.num_classes and labels is None:
             labels = self.class_prior.argmax().expand(z.shape[0])
-        return self._decode_output(self._logits(z, self._onehot(labels, len(z), z.device)),
-                                   "mode" if output == "sample" else output, None)
+        logits = self.invariant(self._logits, z, self._onehot(labels, len(z), z.device))
+        return self._decode_output(logits, "mode" if output == "sample" else output, None)
 
     # ------------------------------------------------------------------ scoring
     def _bound(self, x: Tensor, labels: Tensor | None, bound: str, samples: int,

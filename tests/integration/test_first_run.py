@@ -6,9 +6,12 @@ orderly shutdown that leaves no half-written version."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -29,6 +32,15 @@ def _status(base: Path) -> str:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
+
+
+def _v2_ready(port: int, model: str) -> tuple[int, bool]:
+    url = f"http://127.0.0.1:{port}/v2/models/{model}/ready"
+    try:
+        with urllib.request.urlopen(url, timeout=30) as response:
+            return response.status, bool(json.loads(response.read())["ready"])
+    except urllib.error.HTTPError as exc:
+        return exc.code, bool(json.loads(exc.read())["ready"])
 
 
 def _unavailable(client: GenfleetClient, name: str) -> grpc.RpcError | None:
@@ -70,6 +82,9 @@ def test_an_empty_store_serves_at_once_and_each_family_when_trained(
             out = client.generate("vae", 4, seed=3)
             assert out.samples is not None and out.samples.shape == (4, 1, 8, 8)
             assert [m.name for m in client.list_models()] == ["vae"]
+            # OIP v2 (KServe, Triton clients): the one training is known but not ready
+            assert _v2_ready(up["http_port"], "vae") == (200, True)
+            assert _v2_ready(up["http_port"], "gan") == (503, False)
             while _unavailable(client, "gan") is not None:
                 assert time.monotonic() - first < 240, up["log"].read_text()[-3000:]
                 time.sleep(0.5)
