@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from services.models import build, model_class, sample_seeds
+from services.models import Capability, build, model_class, sample_seeds
 
 
 def rate(model: Any, batch: int, reps: int) -> float:
@@ -35,7 +35,8 @@ def rate(model: Any, batch: int, reps: int) -> float:
 def differing(model: Any, n: int) -> int:
     """Samples of ``n`` whose bits differ drawn alone and in one batch of ``n``."""
     seeds = sample_seeds(7, n)
-    labels = torch.arange(n) % model.config.num_classes if model.config.num_classes else None
+    conditional = Capability.CONDITIONAL in model.capabilities
+    labels = torch.arange(n) % model.config.num_classes if conditional else None
     batched = model.sample(seeds, labels=labels)
     alone = torch.cat([model.sample(seeds[i:i + 1],
                                     labels=None if labels is None else labels[i:i + 1])

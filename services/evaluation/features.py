@@ -11,7 +11,7 @@ stand-in for a learnt feature space (they respond to colour, edges and texture a
 scale) and depend on no training at all, so they are neither the model's own nor the
 classifier's.
 
-Shapes: B batch, C channels, H/W spatial, F = 2 x (32 + 64 + 128) features.
+Shapes: B batch, C channels, H/W spatial, F <= 2 x (32 + 64 + 128) features.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class RandomFeatures:
             c_in = c_out
         self.mean: Tensor | None = None
         self.std: Tensor | None = None
+        self.keep: Tensor | None = None
 
     @torch.no_grad()
     def raw(self, x: Tensor, batch: int = 512) -> Tensor:
@@ -56,15 +57,20 @@ class RandomFeatures:
         return torch.cat(out)
 
     def fit(self, real: Tensor) -> RandomFeatures:
-        """Standardise every feature by its mean and std over ``real``."""
+        """Standardise every feature by its mean and std over ``real``; features that
+        barely vary on ``real`` (std under 1 % of the median feature's: channels that
+        ReLU leaves near zero on these data) are dropped, since dividing by their std
+        would let one of them outweigh all the others."""
         f = self.raw(real)
-        self.mean, self.std = f.mean(0), f.std(0) + 1e-6
+        std = f.std(0)
+        self.keep = std >= 0.01 * std.median()
+        self.mean, self.std = f.mean(0)[self.keep], std[self.keep]
         return self
 
     def __call__(self, x: Tensor) -> np.ndarray:
         if self.mean is None or self.std is None:
             raise RuntimeError("RandomFeatures.fit(real) first")
-        standardised: np.ndarray = ((self.raw(x) - self.mean) / self.std).numpy()
+        standardised: np.ndarray = ((self.raw(x)[:, self.keep] - self.mean) / self.std).numpy()
         return standardised
 
     def fd(self, a: Tensor, b: Tensor) -> float:
