@@ -28,6 +28,7 @@ from services.evaluation.classifier import (
     embed,
     train_classifier,
 )
+from services.evaluation.features import RandomFeatures
 from services.evaluation.fid import frechet_distance
 from services.evaluation.grid import save_grid
 from services.models import Capability, GenerativeModel, ScoreKind, sample_seeds
@@ -56,6 +57,11 @@ class QualityReport:
     score_kind: str | None = None
     test_energy: float | None = None  # EBM: mean energy of real test data
     init_fd_ratio: float | None = None  # EBM: FD ratio of the chains' starting points
+    # the same in a fixed random feature space (services.evaluation.features): needs no
+    # labels and is trained on nothing, so it is there for unlabelled image data too
+    fixed_fd: float | None = None
+    fixed_fd_floor: float | None = None
+    fixed_fd_ratio: float | None = None
     text_samples: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
@@ -83,6 +89,10 @@ class QualityReport:
                           "-")]
             if self.init_fd_ratio is not None:
                 rows.append(("FD / floor, chain init", fmt(self.init_fd_ratio, ".2f"), "-"))
+        if self.fixed_fd is not None:
+            rows += [("FD, fixed random features", fmt(self.fixed_fd, ".2f"),
+                      f"{fmt(self.fixed_fd_floor, '.2f')} (train)"),
+                     ("FD / floor, fixed features", fmt(self.fixed_fd_ratio, ".2f"), "1.00")]
         if self.test_bits_per_dim is not None:
             rows.append((f"test bits/dim ({self.score_kind})", "-", fmt(self.test_bits_per_dim)))
         if self.test_energy is not None:
@@ -183,7 +193,12 @@ def evaluate_model(model: GenerativeModel, splits: Splits, *, store: ModelStore,
     if model.score_kind == ScoreKind.UNNORMALIZED:
         x, _ = _test_tensors(splits.test, model)
         report.test_energy = float(-model.log_prob(x).mean())
-    if splits.train.labels is None:
+    train_x = torch.from_numpy(splits.train.as_float())
+    test_x = torch.from_numpy(splits.test.as_float())
+    space = RandomFeatures(train_x.shape[1]).fit(train_x)
+    report.fixed_fd, report.fixed_fd_floor = space.fd(samples, test_x), space.fd(train_x, test_x)
+    report.fixed_fd_ratio = report.fixed_fd / report.fixed_fd_floor
+    if splits.train.labels is None:  # no classifier to train: the fixed features only
         return report
     clf = get_classifier(store, splits.train)
     f_test, p_test = embed(clf, torch.from_numpy(splits.test.as_float()))
