@@ -35,7 +35,7 @@ log = logging.getLogger("genfleet.background")
 HANDOVER_S = 5.0
 
 
-@ray.remote(num_cpus=1, max_retries=0)
+@ray.remote(num_cpus=1, max_retries=1)  # once more if its worker process dies
 def train_one(name: str, store_root: str, minutes: float, threads: int, app_name: str
               ) -> dict[str, Any]:
     """Train family ``name`` (default data and schedule, ``minutes`` cap) into the store,
@@ -65,7 +65,7 @@ def train_one(name: str, store_root: str, minutes: float, threads: int, app_name
             "epochs": result.epochs}
 
 
-@ray.remote(num_cpus=1, max_retries=0)
+@ray.remote(num_cpus=1, max_retries=1)  # once more if its worker process dies
 def evaluate_one(name: str, ref: str, store_root: str, threads: int,
                  num_samples: int = 1000) -> dict[str, Any]:
     """FD, class coverage and bits/dim of ``ref`` on its training data's test split, merged

@@ -88,7 +88,11 @@ def test_an_empty_store_serves_at_once_and_each_family_when_trained(
             while _unavailable(client, "gan") is not None:
                 assert time.monotonic() - first < 240, up["log"].read_text()[-3000:]
                 time.sleep(0.5)
-            assert client.health() == "SERVING" and client.health("gan") == "SERVING"
+            deadline = time.monotonic() + 10  # the gateway's health loop: every 2 s
+            while client.health("gan") != "SERVING":
+                assert time.monotonic() < deadline, "gan serves but its health does not say so"
+                time.sleep(0.5)
+            assert client.health() == "SERVING"
             assert sorted(m.name for m in client.list_models()) == ["gan", "vae"]
             again = client.generate("vae", 4, seed=3)  # redeploying for gan kept vae's replica
             assert again.samples is not None and out.samples is not None
@@ -121,3 +125,25 @@ def test_stopping_while_a_family_trains_is_orderly(
             time.sleep(1)
     # genfleet_up sent SIGTERM mid-training and checked exit 0 without a traceback
     assert ModelStore(base / "store").versions("ebm") == []
+
+
+def test_a_training_worker_killed_midway_is_retried_and_the_model_serves(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    import psutil
+
+    base = tmp_path_factory.mktemp("first-run-kill")
+    with genfleet_up(base, "--models", "vae", "--train-minutes", "0.3", *FLAGS, timeout_s=300,
+                     serving=False) as up:
+        deadline = time.monotonic() + 120
+        while "training: epoch" not in (status := _status(base)):
+            assert time.monotonic() < deadline, status + up["log"].read_text()[-2000:]
+            time.sleep(1)
+        workers = [p for p in psutil.Process(up["pid"]).children(recursive=True)
+                   if "train_one" in " ".join(p.cmdline())]
+        assert len(workers) == 1, [p.cmdline() for p in workers]
+        workers[0].kill()  # a process this test's genfleet up started
+        with GenfleetClient(up["target"], timeout=30) as client:
+            while _unavailable(client, "vae") is not None:
+                assert time.monotonic() < deadline + 180, up["log"].read_text()[-3000:]
+                time.sleep(1)
+    assert ModelStore(base / "store").versions("vae") == [1]
