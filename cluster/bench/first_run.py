@@ -74,7 +74,7 @@ def _watch(proc: subprocess.Popen[bytes], base: Path, log_path: Path, started: f
         time.sleep(0.2)
     state = json.loads(state_file.read_text())
     names: list[str] = list(state["models"])
-    with GenfleetClient(state["target"], timeout=30) as client:
+    with GenfleetClient(state["target"], timeout=30, retries=0) as client:  # poll, no waits
         while True:  # the gateway's first answer
             try:
                 client.list_models()

@@ -110,8 +110,10 @@ def _duration(seconds: float | None) -> str:
 
 
 def _retry_after(eta: float | None) -> float:
-    """A retry delay: a tenth of the estimate, between 1 s and 30 s."""
-    return 5.0 if eta is None else min(30.0, max(1.0, eta / 10))
+    """The retry delay: the estimate itself (at least 1 s, at most 10 min; 30 s without
+    one), so that a client that honours it (``GenfleetClient``: it gives up at once when
+    the delay outlasts its deadline) does not wait on a model that cannot be ready in time."""
+    return 30.0 if eta is None else min(600.0, max(1.0, eta))
 
 
 @ray.remote(num_cpus=0, max_restarts=0)

@@ -60,7 +60,7 @@ def test_an_empty_store_serves_at_once_and_each_family_when_trained(
     with genfleet_up(base, "--models", "vae", "gan", "--train-minutes", "0.15",
                      "--demo", str(demo), *FLAGS, timeout_s=300, serving=False) as up:
         first = time.monotonic()
-        with GenfleetClient(up["target"], timeout=30) as client:
+        with GenfleetClient(up["target"], timeout=30, retries=0) as client:
             assert client.list_models() == []  # nothing trained yet, and the gateway answers
             assert client.health() == "NOT_SERVING"
             assert client.health("vae") == "NOT_SERVING"
@@ -69,6 +69,10 @@ def test_an_empty_store_serves_at_once_and_each_family_when_trained(
             assert "retry later" in str(error.details())
             pushback = dict(error.trailing_metadata() or ())
             assert int(pushback["grpc-retry-pushback-ms"]) >= 1000
+            with GenfleetClient(up["target"], timeout=3) as patient:  # retries what it may
+                asked = time.monotonic()
+                assert _unavailable(patient, "gan") is not None
+                assert time.monotonic() - asked < 2.5  # the delay outlasts its deadline
             status = _status(base)
             assert "not served yet" in status and "gan" in status, status
             with pytest.raises(grpc.RpcError) as unknown:
@@ -142,7 +146,7 @@ def test_a_training_worker_killed_midway_is_retried_and_the_model_serves(
                    if "train_one" in " ".join(p.cmdline())]
         assert len(workers) == 1, [p.cmdline() for p in workers]
         workers[0].kill()  # a process this test's genfleet up started
-        with GenfleetClient(up["target"], timeout=30) as client:
+        with GenfleetClient(up["target"], timeout=30, retries=0) as client:
             while _unavailable(client, "vae") is not None:
                 assert time.monotonic() < deadline + 180, up["log"].read_text()[-3000:]
                 time.sleep(1)
