@@ -105,6 +105,7 @@ class BackgroundTraining:
         self.failed: dict[str, str] = {}
         self._refs: list[Any] = []
         self._board: Any = None
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def start_board(self) -> None:
         """The board with every missing model queued (before the gateway answers, so that
@@ -152,7 +153,9 @@ class BackgroundTraining:
                 self.say(f"[{name}] trained ({result['ref']}, {result['epochs']} epochs in "
                          f"{result['seconds']:.0f} s) and serving, "
                          f"{time.perf_counter() - started:.0f} s after start-up")
-                asyncio.get_running_loop().create_task(self._hand_over(name))
+                handover = asyncio.get_running_loop().create_task(self._hand_over(name))
+                self._tasks.add(handover)  # kept until done (the loop holds tasks weakly)
+                handover.add_done_callback(self._tasks.discard)
             try:
                 metrics = await evaluation
                 ratio = metrics.get("fd_ratio")
@@ -186,7 +189,10 @@ class BackgroundTraining:
         await asyncio.sleep(HANDOVER_S)
         self._board.remove.remote(name)
         if self.on_served is not None:
-            await asyncio.to_thread(self.on_served, name)
+            try:
+                await asyncio.to_thread(self.on_served, name)
+            except Exception as exc:  # e.g. the demo grid: the model serves regardless
+                self.say(f"[{name}] after it came up: {_reason(exc)}")
 
     def cancel(self) -> None:
         """Stop the task running now (shutdown)."""
