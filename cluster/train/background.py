@@ -72,18 +72,12 @@ def evaluate_one(name: str, ref: str, store_root: str, threads: int,
     into the checkpoint's metrics (what ``genfleet train`` records)."""
     import torch
 
-    from services.evaluation.report import evaluate_model
-    from services.models import load_model
-    from services.training.spec import prepare, spec_from_config
+    from services.training.recipes import evaluate_stored
+    from services.training.spec import spec_from_config
 
     torch.set_num_threads(threads)
-    store = ModelStore(store_root)
-    splits = prepare(spec_from_config(name), distributed=False).splits
-    model, _ = load_model(store, ref)
-    metrics: dict[str, Any] = evaluate_model(model, splits, store=store, num_samples=num_samples,
-                                             progress=False).to_json()
-    store.update_metrics(ref, metrics)
-    return metrics
+    return evaluate_stored(ModelStore(store_root), ref, spec_from_config(name),
+                           eval_samples=num_samples)
 
 
 class BackgroundTraining:

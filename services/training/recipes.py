@@ -85,3 +85,19 @@ def export(store: ModelStore, name: str, family: str, config: ModelConfig,
                                  progress=progress).to_json()
     return store.save(name, family=family, config=config.to_dict(), state=model.state_dict(),
                       data=data.describe(), metrics=metrics, training=dict(training))
+
+
+def evaluate_stored(store: ModelStore, ref: str, spec: TrainSpec, *, eval_samples: int = 1000,
+                    progress: bool = False) -> dict[str, Any]:
+    """Evaluate the stored version ``ref`` on the test split of ``spec``'s data (what
+    ``export`` does before it saves) and merge the metrics into its metadata."""
+    from services.evaluation.report import evaluate_model
+    from services.models import load_model
+
+    splits = prepare(spec, distributed=False).splits
+    model, _ = load_model(store, ref)
+    metrics: dict[str, Any] = evaluate_model(model, splits, store=store,
+                                             num_samples=eval_samples,
+                                             progress=progress).to_json()
+    store.update_metrics(ref, metrics)
+    return metrics
