@@ -13,6 +13,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -32,6 +33,15 @@ def _status(base: Path) -> str:
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
+
+
+def _wait_training(base: Path, up: dict[str, Any], timeout_s: float) -> float:
+    """Until `genfleet status` shows a model training an epoch; returns the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while "training: epoch" not in (status := _status(base)):
+        assert time.monotonic() < deadline, status + up["log"].read_text()[-2000:]
+        time.sleep(1)
+    return deadline
 
 
 def _v2_ready(port: int, model: str) -> tuple[int, bool]:
@@ -123,10 +133,7 @@ def test_stopping_while_a_family_trains_is_orderly(
     base = tmp_path_factory.mktemp("first-run-stop")
     with genfleet_up(base, "--models", "ebm", "--train-minutes", "5", *FLAGS, timeout_s=120,
                      serving=False) as up:
-        deadline = time.monotonic() + 60
-        while "training: epoch" not in (status := _status(base)):
-            assert time.monotonic() < deadline, status + up["log"].read_text()[-2000:]
-            time.sleep(1)
+        _wait_training(base, up, 60)
     # genfleet_up sent SIGTERM mid-training and checked exit 0 without a traceback
     assert ModelStore(base / "store").versions("ebm") == []
 
@@ -138,10 +145,7 @@ def test_a_training_worker_killed_midway_is_retried_and_the_model_serves(
     base = tmp_path_factory.mktemp("first-run-kill")
     with genfleet_up(base, "--models", "vae", "--train-minutes", "0.3", *FLAGS, timeout_s=300,
                      serving=False) as up:
-        deadline = time.monotonic() + 120
-        while "training: epoch" not in (status := _status(base)):
-            assert time.monotonic() < deadline, status + up["log"].read_text()[-2000:]
-            time.sleep(1)
+        deadline = _wait_training(base, up, 120)
         workers = [p for p in psutil.Process(up["pid"]).children(recursive=True)
                    if "train_one" in " ".join(p.cmdline())]
         assert len(workers) == 1, [p.cmdline() for p in workers]
