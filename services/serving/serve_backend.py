@@ -295,10 +295,10 @@ class ServeBackend(Backend):
     async def healthy(self, name: str | None = None) -> bool:
         """Overall (any model) or one model: a running replica answers ``info``."""
         try:
-            names = [name] if name else await self.served_names()
-            if name is not None and name not in await self.served_names():
+            served = await self.served_names()
+            if name is not None and name not in served:
                 return False  # still training, or unknown
-            for n in names:
+            for n in [name] if name else served:
                 await asyncio.wait_for(self.info(n), timeout=5.0)
             return True
         except Exception:
