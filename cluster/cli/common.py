@@ -130,8 +130,8 @@ def security_note(gateway: Any) -> str:
 async def serve_until_signal(gateway: Any, grace: float,
                              announce: Callable[[int], Awaitable[None]],
                              watch: Callable[[Callable[[str], None]],
-                                             Callable[[], None] | None] | None = None
-                             ) -> str | None:
+                                             Callable[[], None] | None] | None = None,
+                             leave: Callable[[str], None] | None = None) -> str | None:
     """Start ``gateway``, ``announce(port)``, serve until SIGINT or SIGTERM, then report
     NOT_SERVING and let the calls in flight finish (``grace`` seconds).
 
@@ -140,6 +140,12 @@ async def serve_until_signal(gateway: Any, grace: float,
     (called before an orderly shutdown). When ``lost`` is called the gateway stops at
     once (calls in flight and new ones: UNAVAILABLE) and the reason is returned. Returns
     None after a signal.
+
+    ``leave(reason)``: after a loss, ends the process (it does not return) while the gateway
+    still answers every call UNAVAILABLE. grpc's own stop would answer the calls that race
+    it (arrived, not yet given to a handler) CANCELLED, as if their callers had cancelled
+    them (grpc/grpc#41785), and retrying clients would give up on them; a connection that
+    closes with its process fails every call on it UNAVAILABLE.
     """
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -161,6 +167,8 @@ async def serve_until_signal(gateway: Any, grace: float,
             unwatch()  # an orderly shutdown stops the head next: that is no loss
     if reasons:
         await gateway.lose(reasons[0])  # NOT_SERVING; calls in flight: UNAVAILABLE now
+        if leave is not None:
+            await asyncio.to_thread(leave, reasons[0])  # the loop answers until the exit
         await gateway.stop(grace=min(grace, 1.0))
         return reasons[0]
     print("shutting down: health NOT_SERVING, finishing in-flight requests", flush=True)

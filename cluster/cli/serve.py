@@ -12,7 +12,7 @@ import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cluster.cli.common import (
     client,
@@ -92,7 +92,8 @@ async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, star
 
     watch = ray_cluster.watch_head if args.address is None else None
     try:
-        return await serve_until_signal(gateway, args.grace, announce, watch)
+        return await serve_until_signal(gateway, args.grace, announce, watch,
+                                        lambda reason: _leave(store, reason))
     finally:
         for task in background:
             task.cancel()
@@ -159,13 +160,24 @@ def cmd_up(args: argparse.Namespace) -> int:
         (run_dir(store) / "up.json").unlink(missing_ok=True)
         if lost is None:
             ray_cluster.stop_cluster(embedded=embedded)
-    if lost is not None:  # nothing of the cluster answers: leave without asking it
-        ray_cluster.abandon_cluster()
-        sys.stdout.flush()
-        print(f"genfleet up: {lost}; the cluster and everything it served are gone and "
-              f"the gateway has stopped; run genfleet up again", file=sys.stderr, flush=True)
-        os._exit(1)  # Ray's threads would wait on the dead GCS at interpreter exit
+    if lost is not None:
+        _leave(store, lost)
     return 0
+
+
+def _leave(store: Any, reason: str) -> NoReturn:
+    """The embedded Ray head died (``reason``): nothing of the cluster answers, so kill what
+    is left of it without asking it anything, say so in one line, and exit 1 at once (Ray's
+    threads would wait on the dead GCS at interpreter exit; the gateway, still answering
+    UNAVAILABLE, closes its connections with the process)."""
+    from services.serving import ray_cluster
+
+    (run_dir(store) / "up.json").unlink(missing_ok=True)
+    ray_cluster.abandon_cluster()
+    sys.stdout.flush()
+    print(f"genfleet up: {reason}; the cluster and everything it served are gone and "
+          f"the gateway has stopped; run genfleet up again", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def cmd_down(args: argparse.Namespace) -> int:

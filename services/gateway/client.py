@@ -7,8 +7,9 @@ Every call it makes is idempotent (seeded), so a retry cannot duplicate work's e
 ``target`` may name several gateways (``ipv4:10.0.0.1:50051,10.0.0.2:50051``, or a DNS
 name with several addresses such as Kubernetes' headless service,
 ``dns:///genfleet-gateway-headless.genfleet:50051``): calls are spread over them
-round-robin, and a call that a gateway's death cut off (UNAVAILABLE) is retried on
-another, so a client loses no call when one gateway dies.
+round-robin, and a call that a gateway's death or stop cut off (UNAVAILABLE, or CANCELLED
+from a gateway stopping: see ``retry_delay``) is retried on another, so a client loses no
+call when one gateway dies or is restarted.
 
     with GenfleetClient("127.0.0.1:50051") as client:
         out = client.generate("diffusion", 16, seed=7, labels=range(16))
@@ -46,12 +47,18 @@ def generation_protocol() -> tuple[Any, Any]:
     return pb, pb_grpc.GenerationServiceStub
 
 
+_RETRY_AT_ONCE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
 def retry_delay(exc: grpc.RpcError) -> float | None:
     """Seconds the server asks to wait before a retry; None: do not retry.
 
     A status with the pushback trailer is retryable after that delay (a negative value
     means never, as in gRPC's retry design); UNAVAILABLE without it comes from the transport
-    (connection refused or reset) and may be retried at once; anything else is final.
+    (connection refused or reset) and may be retried at once; so may CANCELLED: this client
+    never cancels a call itself, and a grpc server that stops gracefully answers the calls
+    that race its stop (arrived, never given to a handler) CANCELLED (grpc/grpc#41785).
+    Anything else is final.
     """
     trailers = exc.trailing_metadata() if hasattr(exc, "trailing_metadata") else None
     for key, value in trailers or ():
@@ -61,7 +68,7 @@ def retry_delay(exc: grpc.RpcError) -> float | None:
             except ValueError:
                 return None
             return None if ms < 0 else ms / 1000
-    return 0.0 if exc.code() == grpc.StatusCode.UNAVAILABLE else None
+    return 0.0 if exc.code() in _RETRY_AT_ONCE else None
 _OUTPUT = {"tensor": pb.OUTPUT_FORMAT_TENSOR, "png": pb.OUTPUT_FORMAT_PNG,
            "both": pb.OUTPUT_FORMAT_BOTH}
 

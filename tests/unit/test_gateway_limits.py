@@ -184,6 +184,7 @@ def test_the_client_retries_only_what_the_server_marks_retryable() -> None:
     assert retry_delay(Fake(grpc.StatusCode.UNAVAILABLE, ((PUSHBACK, "1000"),))) == 1.0
     assert retry_delay(Fake(grpc.StatusCode.UNAVAILABLE, ((PUSHBACK, "-1"),))) is None
     assert retry_delay(Fake(grpc.StatusCode.UNAVAILABLE)) == 0.0  # transport: gateway gone
+    assert retry_delay(Fake(grpc.StatusCode.CANCELLED)) == 0.0  # a call that raced a stop
 
     calls: list[float] = []
 

@@ -106,6 +106,55 @@ def test_graceful_shutdown_finishes_in_flight_calls(store_root: Path) -> None:
     gw.loop.call_soon_threadsafe(gw.loop.stop)
 
 
+def test_a_gateway_stopped_under_load_costs_a_retrying_client_no_call(store_root: Path
+                                                                      ) -> None:
+    """Two gateways, clients spread over both; one stops gracefully mid-load. grpc answers
+    the calls that race a graceful stop CANCELLED (grpc/grpc#41785) and the rest of them
+    UNAVAILABLE: GenfleetClient retries both on the other gateway, so no call fails."""
+    import threading
+    from collections import Counter
+
+    first, second = _gateway(store_root), _gateway(store_root)
+    target = f"ipv4:{first.target},{second.target}"
+    codes: Counter[str] = Counter()
+    served: Counter[str] = Counter()
+    done = threading.Event()
+    lock = threading.Lock()
+
+    def load() -> None:
+        with GenfleetClient(target, timeout=30) as client:
+            seed = 0
+            while not done.is_set():
+                seed += 1
+                try:  # cheap calls, many racing the stop; a Generate now and then
+                    if seed % 8:
+                        client.list_models()
+                    else:
+                        client.generate("gan", 1, seed=seed)
+                    code = "OK"
+                except grpc.RpcError as exc:
+                    code = exc.code().name  # type: ignore[attr-defined]
+                with lock:
+                    codes[code] += 1
+
+    threads = [threading.Thread(target=load) for _ in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        served["before"] = sum(codes.values())
+        second.stop(grace=5)
+        served["stopped"] = sum(codes.values())
+        time.sleep(1.5)
+    finally:
+        done.set()
+        for t in threads:
+            t.join(60)
+        first.stop()
+    assert served["before"] > 20 and sum(codes.values()) > served["stopped"] + 20, served
+    assert codes == Counter({"OK": codes["OK"]}), codes
+
+
 def test_health_goes_not_serving_on_shutdown(store_root: Path) -> None:
     gw = _gateway(store_root)
     servicer = gw.gateway.health
