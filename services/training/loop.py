@@ -22,12 +22,32 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from services.core.data import Dataset, Splits
 from services.core.errors import InvalidArgument
 from services.models.base import GenerativeModel
+
+
+def warmed_ema(decay: float) -> Any:
+    """An ``AveragedModel`` update: EMA whose decay at update ``t`` is
+    ``min(decay, (1 + t) / (10 + t))``. A fixed decay starts from the first step's weights
+    and forgets them slowly (0.995 keeps 64 % of them after 88 steps), so a short run's EMA
+    is mostly its random start; the warm-up averages over about the last tenth of the run
+    until ``decay`` takes over (as diffusers' ``EMAModel`` and timm do)."""
+
+    @torch.no_grad()
+    def update(averaged: list[Tensor], current: list[Tensor], updates: Tensor) -> None:
+        t = int(updates)
+        d = min(decay, (1 + t) / (10 + t))
+        if torch.is_floating_point(averaged[0]) or torch.is_complex(averaged[0]):
+            torch._foreach_lerp_(averaged, current, 1 - d)
+        else:  # integer buffers: as torch's own EMA update treats them
+            for a, c in zip(averaged, current, strict=True):
+                a.copy_(a * d + c * (1 - d))
+
+    return update
 
 
 @dataclass(frozen=True)
@@ -39,7 +59,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     phase_lr: dict[str, float] = field(default_factory=dict)  # per-phase lr overrides
     grad_clip: float = 0.0  # max global grad norm; 0 = off
-    ema_decay: float = 0.0  # EMA of the weights used for eval/sampling; 0 = off
+    ema_decay: float = 0.0  # EMA of the weights used for eval/sampling; 0 = off (warmed up:
+    # step t averages with min(ema_decay, (1 + t) / (10 + t)), see ``warmed_ema``)
     lr_warmup_steps: int = 0
     cosine_decay: bool = False  # cosine-decay the lr to 10 % over the run
     max_minutes: float = 0.0  # stop after this wall time; 0 = no limit
@@ -104,7 +125,7 @@ class Trainer:
         self.ema: AveragedModel | None = None
         if config.ema_decay > 0:
             self.ema = AveragedModel(
-                model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=True
+                model, multi_avg_fn=warmed_ema(config.ema_decay), use_buffers=True
             )
         self.step_count = 0
 
