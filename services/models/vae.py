@@ -115,26 +115,6 @@ class VAEModel(GenerativeModel):
 
     def prepare(self, x: Tensor, labels: Tensor | None) -> None:
         self._fit_class_prior(labels)
-        if x.numel():
-            self._fit_output_bias(x)
-
-    @torch.no_grad()
-    def _fit_output_bias(self, x: Tensor) -> None:
-        """Start the decoder at the data's marginal: the last layer's bias for level l of
-        channel c is log p(level l in channel c) (add-one smoothed). From a zero bias the
-        categorical starts uniform over L levels, and a few hundred steps move its bias little
-        (at 32x32 RGB, L = 256, the mode of a near-uniform categorical is an extreme level:
-        samples came out one saturated colour after two minutes of training); from the
-        marginal, the first samples already have the data's colours."""
-        c = self.config
-        levels = self.to_levels(x.float()).clamp(0, c.levels - 1)
-        levels = levels.transpose(0, 1).reshape(c.channels, -1)
-        counts = torch.stack([torch.bincount(row.cpu(), minlength=c.levels)
-                              for row in levels]).float()
-        log_p = ((counts + 1) / (counts + 1).sum(1, keepdim=True)).log()
-        last = self.decoder[-1]
-        assert isinstance(last, nn.Conv2d) and last.bias is not None
-        last.bias.copy_(log_p.flatten().to(last.bias))
 
     def on_train_step(self, step: int) -> None:
         self.steps_seen += 1

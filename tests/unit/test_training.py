@@ -89,13 +89,13 @@ def test_the_ema_of_a_short_run_follows_its_recent_weights() -> None:
     for t in range(1, 89):
         weight.weight.data.fill_(float(t))
         ema.update_parameters(weight)
-    value = float(ema.module.weight)
+    value = float(ema.module.weight.detach())
     assert 78.0 < value < 88.0, value
     fixed = AveragedModel(weight, multi_avg_fn=warmed_ema(0.5), use_buffers=True)
     for t in range(1, 200):
         weight.weight.data.fill_(float(t))
         fixed.update_parameters(weight)
-    assert float(fixed.module.weight) == pytest.approx(198.0, abs=0.01)  # a 0.5 EMA lags a ramp by 1
+    assert float(fixed.module.weight.detach()) == pytest.approx(198.0, abs=0.01)  # a 0.5 EMA lags a ramp by 1
 
 
 def test_final_weights_prefer_best_then_ema_then_trained() -> None:
