@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.optim.swa_utils import AveragedModel
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from services.core.data import Dataset, Splits
@@ -59,8 +59,9 @@ class TrainConfig:
     weight_decay: float = 0.0
     phase_lr: dict[str, float] = field(default_factory=dict)  # per-phase lr overrides
     grad_clip: float = 0.0  # max global grad norm; 0 = off
-    ema_decay: float = 0.0  # EMA of the weights used for eval/sampling; 0 = off (warmed up:
-    # step t averages with min(ema_decay, (1 + t) / (10 + t)), see ``warmed_ema``)
+    ema_decay: float = 0.0  # EMA of the weights used for eval/sampling; 0 = off
+    ema_warmup: bool = True  # step t averages with min(ema_decay, (1 + t) / (10 + t)), see
+    # ``warmed_ema``; False: the fixed decay from the first step (what runs before had)
     lr_warmup_steps: int = 0
     cosine_decay: bool = False  # cosine-decay the lr to 10 % over the run
     max_minutes: float = 0.0  # stop after this wall time; 0 = no limit
@@ -125,8 +126,9 @@ class Trainer:
         self.ema: AveragedModel | None = None
         if config.ema_decay > 0:
             self.ema = AveragedModel(
-                model, multi_avg_fn=warmed_ema(config.ema_decay), use_buffers=True
-            )
+                model, use_buffers=True,
+                multi_avg_fn=(warmed_ema(config.ema_decay) if config.ema_warmup
+                              else get_ema_multi_avg_fn(config.ema_decay)))
         self.step_count = 0
 
     def _lr_factor(self, total_steps: int | None) -> Callable[[int], float]:

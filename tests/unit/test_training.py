@@ -98,6 +98,20 @@ def test_the_ema_of_a_short_run_follows_its_recent_weights() -> None:
     assert float(fixed.module.weight.detach()) == pytest.approx(198.0, abs=0.01)  # a 0.5 EMA lags a ramp by 1
 
 
+@pytest.mark.parametrize(("warmup", "kept"), [(True, 2 / 11), (False, 0.9)])
+def test_the_ema_warmup_setting_decides_how_much_of_the_first_step_is_kept(
+        warmup: bool, kept: float) -> None:
+    trainer, x, y = _trainer(ema_decay=0.9, ema_warmup=warmup)
+    seen = []
+    for i in range(2):  # the first update copies the weights, the second averages
+        trainer.step(x[32 * i:32 * (i + 1)], y[32 * i:32 * (i + 1)])
+        seen.append({k: v.detach().clone() for k, v in trainer.model.state_dict().items()})
+    ema = dict(trainer.inference_model().state_dict())
+    key = next(k for k, v in seen[0].items() if v.is_floating_point()
+               and not torch.equal(v, seen[1][k]))
+    torch.testing.assert_close(ema[key], kept * seen[0][key] + (1 - kept) * seen[1][key])
+
+
 def test_final_weights_prefer_best_then_ema_then_trained() -> None:
     trainer, x, y = _trainer(ema_decay=0.9)
     for _ in range(2):  # the first update copies the weights, the second averages
