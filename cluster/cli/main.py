@@ -60,8 +60,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.suppress(OSError, ValueError):  # no flush error at exit either
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except Exception as exc:
+        answer = _rpc_error(exc)
+        if answer is None:
+            raise
+        print(f"genfleet: error: {answer}", file=sys.stderr)
+        return 1
     log.debug("done in %.1f s", time.perf_counter() - started)
     return code
+
+
+def _rpc_error(exc: BaseException) -> str | None:
+    """A gRPC error from the gateway (``grpc.RpcError`` with a status: the gateway refused
+    the call, or could not be reached) as one line; None for anything else (a bug: its
+    traceback stays). Checked without importing grpc, which most commands never load."""
+    grpc = sys.modules.get("grpc")
+    if grpc is None or not isinstance(exc, grpc.RpcError) or not hasattr(exc, "code"):
+        return None
+    code = exc.code()
+    details = exc.details() if hasattr(exc, "details") else ""
+    return f"{getattr(code, 'name', code)}: {details}"
 
 
 if __name__ == "__main__":

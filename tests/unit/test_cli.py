@@ -148,3 +148,13 @@ def test_a_reader_that_leaves_the_pipe_is_not_an_error(monkeypatch: pytest.Monke
     from cluster.cli.main import main as cli_main
 
     assert cli_main(["models", "--families"]) == 0
+
+
+def test_a_refused_or_unreachable_gateway_call_is_one_line_not_a_traceback(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from cluster.cli.main import main
+
+    assert main(["generate", "gan", "-n", "1", "--target", "127.0.0.1:1"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("genfleet: error: UNAVAILABLE: ") and "\n" not in err, err
+    assert "Traceback" not in err
