@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cluster.cli.common import client_args, open_store, parse_sets
+from cluster.cli.common import client_args, open_store, parse_sets, up_cluster
 
 
 def cmd_fastpath(args: argparse.Namespace) -> int:
@@ -25,7 +25,7 @@ def cmd_fastpath(args: argparse.Namespace) -> int:
         models=args.models, concurrency=args.callers, duration=args.duration,
         rounds=args.rounds, threads=args.threads,
         store=str(store.root) if local and not args.no_raw else None,
-        address="auto" if local and not args.no_direct else None,
+        address=(up_cluster(store) or "auto") if local and not args.no_direct else None,
         out=args.json or ".docs/bench/fastpath.json")
     return fastpath.run(ns)
 

@@ -53,6 +53,29 @@ def run_dir(store: ModelStore) -> Path:
     return path
 
 
+def up_cluster(store: ModelStore) -> str | None:
+    """The Ray address of the cluster ``genfleet up`` runs for ``store`` (recorded in its run
+    state), or None when none runs. Commands that join "the running cluster" use it before
+    Ray's own ``auto``: with two Ray clusters on one machine (a test session's beside
+    ``genfleet up``'s), ``auto`` joins whichever ``ps`` lists first."""
+    path = run_dir(store) / "up.json"
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(state, dict):
+        return None
+    pid = state.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)  # a state file left by a killed ``up`` names no cluster
+    except OSError:
+        return None
+    address = state.get("ray_address")
+    return address if isinstance(address, str) and address else None
+
+
 def client_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--target", default=os.environ.get("GENFLEET_TARGET", DEFAULT_TARGET),
                    help="gateway host:port")

@@ -23,6 +23,7 @@ from cluster.cli.common import (
     run_dir,
     security_note,
     serve_until_signal,
+    up_cluster,
 )
 from services.core.errors import InvalidArgument
 
@@ -59,6 +60,7 @@ async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, star
                    if gateway.metrics_port is not None else {})
         metrics.update(await asyncio.to_thread(ray_cluster.metrics_endpoints))
         state = {"pid": os.getpid(), "target": target, "app": config.app_name,
+                 "ray_address": ray_cluster.address(),
                  "http_port": gateway.http_port,
                  "models": list(config.models), "started": time.time(), "metrics": metrics}
         (run_dir(store) / "up.json").write_text(json.dumps(state))
@@ -206,9 +208,11 @@ def cmd_down(args: argparse.Namespace) -> int:
 
 
 def _connect(args: argparse.Namespace) -> None:
+    """Join ``--address``, else the cluster ``genfleet up`` runs for this store, else Ray's
+    ``auto``."""
     from services.serving import ray_cluster
 
-    ray_cluster.connect(args.address)
+    ray_cluster.connect(args.address or up_cluster(open_store(args)))
 
 
 def cmd_status(args: argparse.Namespace) -> int:

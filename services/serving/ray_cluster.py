@@ -125,6 +125,11 @@ def connect(address: str | None = None) -> None:
         raise ModelNotReady(f"no Ray cluster at {address or 'auto'}: run genfleet up") from exc
 
 
+def address() -> str:
+    """The GCS address of the cluster this process is connected to (host:port)."""
+    return str(ray.get_runtime_context().gcs_address)
+
+
 def watch_head(on_lost: Callable[[str], None], period_s: float = 0.5
                ) -> Callable[[], None] | None:
     """Call ``on_lost(reason)`` once, from a daemon thread, when a process of the embedded

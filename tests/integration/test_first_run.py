@@ -44,6 +44,20 @@ def _wait_training(base: Path, up: dict[str, Any], timeout_s: float) -> float:
     return deadline
 
 
+def _training_workers(pid: int) -> list[Any]:
+    """The Ray workers under ``genfleet up`` (``pid``) running a background training."""
+    import psutil
+
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "train_one" in " ".join(child.cmdline()):
+                found.append(child)
+        except psutil.Error:  # exited meanwhile
+            pass
+    return found
+
+
 def _v2_ready(port: int, model: str) -> tuple[int, bool]:
     url = f"http://127.0.0.1:{port}/v2/models/{model}/ready"
     try:
@@ -97,7 +111,10 @@ def test_an_empty_store_serves_at_once_and_each_family_when_trained(
             assert out.samples is not None and out.samples.shape == (4, 1, 8, 8)
             assert [m.name for m in client.list_models()] == ["vae"]
             # OIP v2 (KServe, Triton clients): the one training is known but not ready
-            assert _v2_ready(up["http_port"], "vae") == (200, True)
+            deadline = time.monotonic() + 10  # readiness follows the gateway's 2 s health loop
+            while _v2_ready(up["http_port"], "vae") != (200, True):
+                assert time.monotonic() < deadline, _v2_ready(up["http_port"], "vae")
+                time.sleep(0.5)
             assert _v2_ready(up["http_port"], "gan") == (503, False)
             while _unavailable(client, "gan") is not None:
                 assert time.monotonic() - first < 240, up["log"].read_text()[-3000:]
@@ -140,14 +157,13 @@ def test_stopping_while_a_family_trains_is_orderly(
 
 def test_a_training_worker_killed_midway_is_retried_and_the_model_serves(
         tmp_path_factory: pytest.TempPathFactory) -> None:
-    import psutil
-
     base = tmp_path_factory.mktemp("first-run-kill")
     with genfleet_up(base, "--models", "vae", "--train-minutes", "0.3", *FLAGS, timeout_s=300,
                      serving=False) as up:
-        deadline = _wait_training(base, up, 120)
-        workers = [p for p in psutil.Process(up["pid"]).children(recursive=True)
-                   if "train_one" in " ".join(p.cmdline())]
+        deadline = time.monotonic() + 120
+        while not (workers := _training_workers(up["pid"])):  # kill it as soon as it runs
+            assert time.monotonic() < deadline, _status(base) + up["log"].read_text()[-2000:]
+            time.sleep(0.2)
         assert len(workers) == 1, [p.cmdline() for p in workers]
         workers[0].kill()  # a process this test's genfleet up started
         with GenfleetClient(up["target"], timeout=30, retries=0) as client:

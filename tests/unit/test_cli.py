@@ -158,3 +158,30 @@ def test_a_refused_or_unreachable_gateway_call_is_one_line_not_a_traceback(
     err = capsys.readouterr().err.strip()
     assert err.startswith("genfleet: error: UNAVAILABLE: ") and "\n" not in err, err
     assert "Traceback" not in err
+
+
+def test_commands_join_the_cluster_genfleet_up_recorded_not_any_local_one(
+        tmp_path: Path) -> None:
+    """`status`, `scale`, `deploy`, `train --deploy` join the Ray cluster `genfleet up` runs
+    for the store (its address in the run state); Ray's `auto` picks any local GCS when
+    there are two (a test session's cluster beside `up`'s: CI saw `status` print an empty
+    table). A state file whose `up` is gone names no cluster."""
+    import os
+    import subprocess
+    import sys
+
+    from cluster.cli.common import run_dir, up_cluster
+
+    store = ModelStore(tmp_path / "store")
+    state = run_dir(store) / "up.json"
+    assert up_cluster(store) is None  # no genfleet up
+    state.write_text(json.dumps({"pid": os.getpid(), "ray_address": "10.0.0.7:6379"}))
+    assert up_cluster(store) == "10.0.0.7:6379"
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    state.write_text(json.dumps({"pid": int(gone.stdout), "ray_address": "10.0.0.7:6379"}))
+    assert up_cluster(store) is None  # its up was killed: not a cluster to join
+    for broken in ("{", "[]", json.dumps({"pid": 0, "ray_address": "x:1"}),
+                   json.dumps({"pid": os.getpid()}), json.dumps({"pid": "1", "ray_address": 1})):
+        state.write_text(broken)
+        assert up_cluster(store) is None, broken
