@@ -18,6 +18,7 @@ import importlib.metadata
 import logging
 import ssl
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,17 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
     return None if remaining is None else time.time() + remaining
 
 
+def _cut_inside() -> ModelNotReady:
+    """For a CancelledError from below that did not cancel the call (a library that answers
+    a cut connection so): grpc sends no status for a handler that raises CancelledError, so
+    the caller would wait out its deadline; it gets a retryable status instead."""
+    request_id = uuid.uuid4().hex[:12]
+    log.error("request %s: cut inside the gateway (a stray CancelledError)", request_id,
+              exc_info=True)
+    return ModelNotReady(f"the call was cut inside the gateway (request id {request_id}); "
+                         f"retry")
+
+
 class Calls:
     """The calls in flight on this gateway. ``run`` answers any error through the one
     status table; ``lose(reason)`` (what the gateway depends on is gone, e.g. the Ray
@@ -154,9 +166,11 @@ class Calls:
                 self._tasks.add(task)
             return await call()
         except asyncio.CancelledError:
-            if self.lost is None:
-                raise
-            raise ModelNotReady(self.lost) from None
+            if self.lost is not None:
+                raise ModelNotReady(self.lost) from None
+            if task is None or task.cancelling():
+                raise  # the caller went away (or its deadline passed): grpc ends the call
+            raise _cut_inside() from None
         finally:
             self._tasks.discard(task)
 
@@ -225,7 +239,10 @@ class GenerationServicer(pb_grpc.GenerationServiceServicer):
                 result = await pending.pop(0)
                 yield codec.generate_response_to_pb(result)
         except asyncio.CancelledError:
-            raise
+            task = asyncio.current_task()
+            if task is None or task.cancelling():
+                raise
+            await abort(context, _cut_inside())
         except Exception as exc:
             await abort(context, exc)
         finally:

@@ -26,6 +26,7 @@ Serve still owns everything else: replicas' life, placement, autoscaling, rollou
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 import pickle
@@ -156,10 +157,23 @@ class LaneClient:
         self.in_flight += 1
         try:
             reply = await self._call(body, timeout=timeout, metadata=self._metadata)
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # our caller cancelled this call
+            # grpc.aio answers a call that its channel's close cut with CancelledError, not
+            # an RpcError: left as it is, it would cancel the gateway call that waits on it,
+            # and grpc sends no status for a cancelled handler (the client waits out its
+            # deadline)
+            raise grpc.aio.AioRpcError(grpc.StatusCode.UNAVAILABLE, grpc.aio.Metadata(),
+                                       grpc.aio.Metadata(),
+                                       f"the lane to {self.address.target} was closed "
+                                       f"during the call") from None
         finally:
             self.in_flight -= 1
         results: list[Any] = pickle.loads(reply)
         return results
 
     async def close(self) -> None:
+        """Close the channel; calls still in flight on it fail (UNAVAILABLE)."""
         await self._channel.close()

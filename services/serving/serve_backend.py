@@ -162,6 +162,7 @@ class ServeBackend(Backend):
         self._replicas: Cached[dict[str, int]] = Cached(self._load_replicas, info_ttl_s)
         self._lanes: Cached[dict[str, list[LaneAddress]]] = Cached(self._load_lanes, 1.0)
         self._lane_clients: dict[LaneAddress, LaneClient] = {}
+        self._closing: set[LaneClient] = set()  # quarantined, closed once idle
         self._failed_lanes: dict[LaneAddress, float] = {}  # -> monotonic time it may return
         self._rotation = 0
         self.inflight: dict[str, int] = {}  # per model: requests admitted, not answered
@@ -409,9 +410,18 @@ class ServeBackend(Backend):
         return min(ordered, key=lambda c: c.in_flight)
 
     def _lane_failed(self, lane: LaneClient) -> None:
+        """Quarantine ``lane``; its channel closes once no call is in flight on it (closing
+        it now would cut the other groups sent to it, which fail or finish by themselves;
+        ``_load_lanes`` closes idle channels of lanes no longer listed)."""
         self._failed_lanes[lane.address] = time.monotonic() + LANE_QUARANTINE_S
         client = self._lane_clients.pop(lane.address, None)
         if client is not None:
+            self._closing.add(client)
+        self._close_idle()
+
+    def _close_idle(self) -> None:
+        for client in [c for c in self._closing if c.in_flight == 0]:
+            self._closing.discard(client)
             task = asyncio.get_running_loop().create_task(client.close())
             task.add_done_callback(_consume)
 
@@ -426,6 +436,7 @@ class ServeBackend(Backend):
             task = asyncio.get_running_loop().create_task(
                 self._lane_clients.pop(address).close())
             task.add_done_callback(_consume)
+        self._close_idle()
         now = time.monotonic()
         self._failed_lanes = {a: t for a, t in self._failed_lanes.items() if t > now}
         return lanes

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -198,5 +200,37 @@ def test_health_port_answers_plaintext_probes_beside_a_tls_token_port(
                 pb_grpc.GenerationServiceStub(channel).ListModels(pb.ListModelsRequest(),
                                                                    timeout=5)
             assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # type: ignore[attr-defined]
+    finally:
+        gw.stop()
+
+
+class _CutBackend(InProcessBackend):
+    """Answers as usual, except that a Generate with seed 13 fails with a CancelledError
+    that cancelled nothing (what grpc.aio raises for a call its channel's close cut)."""
+
+    async def generate(self, request: Any) -> Any:
+        if request.seed == 13:
+            raise asyncio.CancelledError
+        return await super().generate(request)
+
+
+def test_a_call_cut_inside_the_gateway_is_answered_at_once_not_left_to_its_deadline(
+        store_root: Path) -> None:
+    gw = GatewayThread(lambda: _CutBackend(store_root, ["ebm", "gan"]),
+                       GatewayConfig(host="127.0.0.1", port=0))
+    try:
+        with GenfleetClient(gw.target, retries=0, timeout=30) as client:
+            for stream in (False, True):
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as info:
+                    if stream:
+                        list(client.generate_stream("gan", 4, seed=13, chunk_size=2))
+                    else:
+                        client.generate("gan", 2, seed=13)
+                assert time.monotonic() - started < 5  # not the 30 s deadline
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # type: ignore[attr-defined]
+                assert "cut inside the gateway" in str(info.value.details())  # type: ignore[attr-defined]
+            out = client.generate("gan", 2, seed=14)  # the next call is served
+            assert out.samples is not None and len(out.samples) == 2
     finally:
         gw.stop()

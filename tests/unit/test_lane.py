@@ -107,6 +107,39 @@ def test_a_caller_that_goes_away_cancels_the_replica_side() -> None:
     asyncio.run(main())
 
 
+def test_a_call_cut_by_its_channel_closing_fails_unavailable_not_cancelled() -> None:
+    """grpc.aio answers a call that its channel's close cut with CancelledError; a lane call
+    turns that into UNAVAILABLE (a replica failure the gateway retries), because a
+    CancelledError would cancel the gateway call waiting on it, and grpc answers nothing for
+    a cancelled handler (the client waited out its 60 s deadline). Its own caller's
+    cancellation still cancels it."""
+    async def main() -> None:
+        handler = Handler(delay=5.0)
+        server = LaneServer("r1", handler)
+        client = LaneClient(await server.start("127.0.0.1"))
+        try:
+            running = asyncio.create_task(client.generate_batch([1], False, timeout=10))
+            await asyncio.sleep(0.2)
+            await client.close()
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await running
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "closed during the call" in str(info.value.details())
+            assert client.in_flight == 0
+
+            again = LaneClient(client.address)
+            leaving = asyncio.create_task(again.generate_batch([2], False, timeout=10))
+            await asyncio.sleep(0.2)
+            leaving.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await leaving
+            await again.close()
+        finally:
+            await server.close(0.1)
+
+    asyncio.run(main())
+
+
 def test_a_closing_lane_finishes_calls_in_flight_and_refuses_new_ones() -> None:
     async def main() -> None:
         handler = Handler(delay=0.3)
