@@ -46,7 +46,7 @@ class ModelServeConfig:
         "max_batch_size": 32, "batch_wait_timeout_s": 0.005})
     version: int | None = None  # None: the latest in the store when deployed
     warmup: bool = True  # run a synthetic batch before a replica (or a rollout) serves
-    lane: bool = False  # gateways send Generate groups straight to replicas (serving/lane.py)
+    lane: bool = True  # gateways send Generate groups straight to replicas (serving/lane.py)
 
     def validate(self) -> None:
         check_name(self.name)

@@ -366,11 +366,17 @@ def test_replacing_the_replicas_under_load_fails_no_request(gateway: GatewayThre
 
 def test_lanes_carry_generate_groups_with_identical_results(gateway: GatewayThread,
                                                            app: ModelStore) -> None:
-    # lane: true for gan (a constructor argument: its replica is replaced); every answer
-    # through the lane equals the one through Serve's router, alone or coalesced
+    # every answer through the lane (the default) equals the one through Serve's router
+    # (lane: false, a constructor argument: the replica is replaced), alone or coalesced
     with GenfleetClient(gateway.target, retries=0) as client:
-        alone = [client.generate("gan", 2, seed=s).samples for s in range(12)]
         config = operations.load_state(app)
+        config.models["gan"].lane = False
+        operations.deploy(config, app)
+        deadline = time.monotonic() + 120
+        while serve.get_app_handle("genfleet").lanes.remote().result().get("gan"):
+            assert time.monotonic() < deadline, "gan's lane is still listed"
+            time.sleep(0.5)
+        alone = [client.generate("gan", 2, seed=s).samples for s in range(12)]
         config.models["gan"].lane = True
         operations.deploy(config, app)
         deadline = time.monotonic() + 120
@@ -393,8 +399,6 @@ def test_lanes_carry_generate_groups_with_identical_results(gateway: GatewayThre
         with ThreadPoolExecutor(12) as pool:
             together = list(pool.map(lambda s: client.generate("gan", 2, seed=s).samples,
                                      range(12)))
-        config.models["gan"].lane = False
-        operations.deploy(config, app)
     for a, b in zip(alone, together, strict=True):
         assert a is not None and b is not None and a.tobytes() == b.tobytes()
 
