@@ -277,8 +277,8 @@ def diffusion_saturation(target: str, store_root: str, duration_s: float,
             "ratio": served["samples_per_s"] / raw[best], "torch_threads": threads}
 
 
-def low_load_overhead(target: str, address: str, calls: int, token: str | None
-                      ) -> dict[str, Any]:
+def low_load_overhead(target: str, address: str, calls: int, token: str | None,
+                      auth_mode: str | None = None) -> dict[str, Any]:
     """p50 of one caller, 1-sample gan: through the gateway, and straight to a replica
     with a Serve handle from this process (a Ray driver), alternately in 3 rounds."""
     os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
@@ -287,7 +287,7 @@ def low_load_overhead(target: str, address: str, calls: int, token: str | None
     from services.core import api
     from services.serving import ray_cluster
 
-    ray_cluster.connect(address)
+    ray_cluster.connect(address, auth_mode=auth_mode)
     handle = serve.get_deployment_handle("gan", "genfleet")
 
     from services.serving.lane import LaneAddress, LaneClient
@@ -405,7 +405,8 @@ def run(args: argparse.Namespace) -> int:
                      f"{sat['raw_by_batch'][sat['raw_best_batch']]:.1f} = {sat['ratio']:.2f}",
                      ">= 0.9"))
     if args.address:
-        low = low_load_overhead(args.target, args.address, 400, args.token)
+        low = low_load_overhead(args.target, args.address, 400, args.token,
+                                getattr(args, "auth_mode", None))
         results["low_load"] = low
         rows.append(("gan 1 caller: gateway p50 - direct replica call p50 (ms)",
                      f"{low['added_p50_ms']:.2f} (" + ", ".join(

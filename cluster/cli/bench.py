@@ -20,12 +20,14 @@ def cmd_fastpath(args: argparse.Namespace) -> int:
 
     store = open_store(args)
     local = (run_dir(store) / "up.json").exists()  # genfleet up runs here, on this store
+    up = up_cluster(store) if local and not args.no_direct else None
     ns = argparse.Namespace(
         target=args.target, token=args.token or os.environ.get("GENFLEET_TOKEN"),
         models=args.models, concurrency=args.callers, duration=args.duration,
         rounds=args.rounds, threads=args.threads,
         store=str(store.root) if local and not args.no_raw else None,
-        address=(up_cluster(store) or "auto") if local and not args.no_direct else None,
+        address=(up[0] if up else "auto") if local and not args.no_direct else None,
+        auth_mode=up[1] if up else None,
         out=args.json or ".docs/bench/fastpath.json")
     return fastpath.run(ns)
 

@@ -53,11 +53,12 @@ def run_dir(store: ModelStore) -> Path:
     return path
 
 
-def up_cluster(store: ModelStore) -> str | None:
-    """The Ray address of the cluster ``genfleet up`` runs for ``store`` (recorded in its run
-    state), or None when none runs. Commands that join "the running cluster" use it before
-    Ray's own ``auto``: with two Ray clusters on one machine (a test session's beside
-    ``genfleet up``'s), ``auto`` joins whichever ``ps`` lists first."""
+def up_cluster(store: ModelStore) -> tuple[str, str] | None:
+    """(Ray address, Ray auth mode) of the cluster ``genfleet up`` runs for ``store``
+    (recorded in its run state), or None when none runs. Commands that join "the running
+    cluster" use it before Ray's ``auto`` (``join_cluster``): with two Ray clusters on one
+    machine (a test session's beside ``genfleet up``'s), ``auto`` joins whichever ``ps``
+    lists first."""
     path = run_dir(store) / "up.json"
     try:
         state = json.loads(path.read_text())
@@ -73,7 +74,22 @@ def up_cluster(store: ModelStore) -> str | None:
     except OSError:
         return None
     address = state.get("ray_address")
-    return address if isinstance(address, str) and address else None
+    if not isinstance(address, str) or not address:
+        return None
+    auth = state.get("ray_auth_mode")
+    return address, auth if isinstance(auth, str) else ""
+
+
+def join_cluster(address: str | None, store: ModelStore) -> None:
+    """Join ``address``, else the cluster ``genfleet up`` runs for ``store`` (with its auth
+    mode: Ray turns its token auth on by itself only for ``auto``), else Ray's ``auto``."""
+    from services.serving import ray_cluster
+
+    up = None if address else up_cluster(store)
+    if up is not None:
+        ray_cluster.connect(up[0], auth_mode=up[1] or None)
+    else:
+        ray_cluster.connect(address)
 
 
 def client_args(p: argparse.ArgumentParser) -> None:

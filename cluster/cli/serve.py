@@ -19,11 +19,11 @@ from cluster.cli.common import (
     client_args,
     gateway_args,
     gateway_config,
+    join_cluster,
     open_store,
     run_dir,
     security_note,
     serve_until_signal,
-    up_cluster,
 )
 from services.core.errors import InvalidArgument
 
@@ -61,6 +61,7 @@ async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, star
         metrics.update(await asyncio.to_thread(ray_cluster.metrics_endpoints))
         state = {"pid": os.getpid(), "target": target, "app": config.app_name,
                  "ray_address": ray_cluster.address(),
+                 "ray_auth_mode": os.environ.get("RAY_AUTH_MODE", ""),  # as ray.init set it
                  "http_port": gateway.http_port,
                  "models": list(config.models), "started": time.time(), "metrics": metrics}
         (run_dir(store) / "up.json").write_text(json.dumps(state))
@@ -210,9 +211,7 @@ def cmd_down(args: argparse.Namespace) -> int:
 def _connect(args: argparse.Namespace) -> None:
     """Join ``--address``, else the cluster ``genfleet up`` runs for this store, else Ray's
     ``auto``."""
-    from services.serving import ray_cluster
-
-    ray_cluster.connect(args.address or up_cluster(open_store(args)))
+    join_cluster(args.address, open_store(args))
 
 
 def cmd_status(args: argparse.Namespace) -> int:

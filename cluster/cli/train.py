@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from cluster.cli.common import format_metrics, open_store, parse_sets, threads, up_cluster
+from cluster.cli.common import format_metrics, join_cluster, open_store, parse_sets, threads
 from services.core.errors import InvalidArgument
 
 
@@ -51,7 +51,7 @@ def _train_on_ray(args: argparse.Namespace, spec: Any) -> int:
 
     store = open_store(args)
     if args.address or args.deploy:  # a running cluster (default: the one `genfleet up` runs)
-        ray_cluster.connect(args.address or up_cluster(store))
+        join_cluster(args.address, store)
     else:
         needed = spec.workers * spec.cpus_per_worker + 1  # + the train controller
         ray_cluster.start_cluster(None, num_cpus=max(4, int(needed + 0.999)))

@@ -20,7 +20,7 @@
   ``services.serving.autoscaling.requests_policy`` scales on their sum.
 - Each replica also listens on a lane (``services.serving.lane``): gateways send their
   coalesced Generate groups there, straight to this event loop, instead of through
-  Serve's router (``lane: true``; off by default). The lane's address goes to the
+  Serve's router (the default; ``lane: false`` turns it off). The lane's address goes to the
   ``Directory`` with the load report; ``__del__`` takes it out and drains it.
 - Every second the replica reports its load (requests waiting for a batch, requests in
   the running batch) to the app's ``Directory``, which ``genfleet status`` reads, and to
@@ -62,7 +62,7 @@ class ModelDeployment:
     def __init__(self, name: str, store_root: str, *, device: str = "auto",
                  autocast: str | None = None, threads: int = 1,
                  limits: dict[str, int] | None = None, warmup: bool = True,
-                 lane: bool = False) -> None:
+                 lane: bool = True) -> None:
         torch.set_num_threads(max(1, threads))  # replicas share the node's cores
         self._name = name
         self._store_root = store_root

@@ -115,10 +115,18 @@ def join_node(gcs_address: str) -> None:
                             f"{(done.stderr or done.stdout).strip()[-2000:]}")
 
 
-def connect(address: str | None = None) -> None:
-    """Join a running cluster (``auto``: the local one ``genfleet up`` started)."""
+def connect(address: str | None = None, *, auth_mode: str | None = None) -> None:
+    """Join a running cluster (``auto``: the local one ``genfleet up`` started).
+    ``auth_mode``: the cluster's ``RAY_AUTH_MODE`` (``token`` for a local cluster Ray 2.60
+    started), applied unless the environment sets one: Ray finds it by itself only for
+    ``auto``."""
     if ray.is_initialized():
         return
+    if auth_mode and "RAY_AUTH_MODE" not in os.environ:
+        from ray._raylet import Config  # type: ignore[attr-defined]
+
+        os.environ["RAY_AUTH_MODE"] = auth_mode
+        Config.initialize("")  # Ray reads the mode once, at import: read it again
     try:
         ray.init(address=address or "auto", logging_level=logging.ERROR, log_to_driver=False)
     except ConnectionError as exc:

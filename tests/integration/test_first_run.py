@@ -7,6 +7,7 @@ orderly shutdown that leaves no half-written version."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -29,8 +30,10 @@ FLAGS = ("--num-cpus", "4", "--port", "0", "--metrics-port", "-1", "--ray-metric
 
 def _status(base: Path) -> str:
     exe = Path(sys.executable).parent / "genfleet"
+    # as from a user's shell: no Ray settings inherited from this test session's cluster
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_AUTH_MODE", "RAY_ADDRESS")}
     done = subprocess.run([str(exe), "--store", str(base / "store"), "status"],
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 

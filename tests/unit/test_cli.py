@@ -176,7 +176,11 @@ def test_commands_join_the_cluster_genfleet_up_recorded_not_any_local_one(
     state = run_dir(store) / "up.json"
     assert up_cluster(store) is None  # no genfleet up
     state.write_text(json.dumps({"pid": os.getpid(), "ray_address": "10.0.0.7:6379"}))
-    assert up_cluster(store) == "10.0.0.7:6379"
+    assert up_cluster(store) == ("10.0.0.7:6379", "")
+    # Ray turns its token auth on by itself only for `auto`: the recorded mode goes along
+    state.write_text(json.dumps({"pid": os.getpid(), "ray_address": "10.0.0.7:6379",
+                                 "ray_auth_mode": "token"}))
+    assert up_cluster(store) == ("10.0.0.7:6379", "token")
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     state.write_text(json.dumps({"pid": int(gone.stdout), "ray_address": "10.0.0.7:6379"}))
