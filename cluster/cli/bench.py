@@ -16,17 +16,15 @@ from cluster.cli.common import client_args, open_store, parse_sets, up_cluster
 
 def cmd_fastpath(args: argparse.Namespace) -> int:
     from cluster.bench import fastpath
-    from cluster.cli.common import run_dir
 
     store = open_store(args)
-    local = (run_dir(store) / "up.json").exists()  # genfleet up runs here, on this store
-    up = up_cluster(store) if local and not args.no_direct else None
+    up = up_cluster(store)  # genfleet up runs here, on this store (its Ray cluster)
     ns = argparse.Namespace(
         target=args.target, token=args.token or os.environ.get("GENFLEET_TOKEN"),
         models=args.models, concurrency=args.callers, duration=args.duration,
         rounds=args.rounds, threads=args.threads,
-        store=str(store.root) if local and not args.no_raw else None,
-        address=(up[0] if up else "auto") if local and not args.no_direct else None,
+        store=str(store.root) if up and not args.no_raw else None,
+        address=up[0] if up and not args.no_direct else None,
         auth_mode=up[1] if up else None,
         out=args.json or ".docs/bench/fastpath.json")
     return fastpath.run(ns)
