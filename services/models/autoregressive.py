@@ -33,7 +33,21 @@ from services.models.base import (
 )
 from services.models.noise import Noise
 
-KVCache = list[tuple[Tensor, Tensor]]
+
+class KVCache:
+    """Every block's keys and values for the positions decoded so far, allocated once for
+    all D positions: each step writes its position in place and attends over the filled
+    prefix (a torch.cat per step copied the whole cache every token, O(D^2) memory traffic:
+    one 32x32x3 sample took minutes).
+
+    k, v: (layers, B, N, D, E/N); positions [0, filled) hold data.
+    """
+
+    def __init__(self, layers: int, batch: int, heads: int, length: int, head_dim: int,
+                 like: Tensor) -> None:
+        shape = (layers, batch, heads, length, head_dim)
+        self.k = like.new_empty(shape)
+        self.v = like.new_empty(shape)
 
 
 @dataclass(frozen=True)
@@ -73,20 +87,23 @@ class _Block(nn.Module):
                                  nn.Dropout(dropout))
         self.dropout = dropout
 
-    def forward(self, h: Tensor, cache: tuple[Tensor, Tensor] | None = None
-                ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    def forward(self, h: Tensor, cache: tuple[Tensor, Tensor] | None = None, pos: int = 0
+                ) -> Tensor:
+        """Without a cache: causal attention over h's own T positions (training, scoring).
+        With one ((B, N, D, E/N) keys and values of this block): h is position pos alone
+        (T = 1), written into the cache, attending to itself and every position before."""
         b, t, e = h.shape
         q, k, v = self.qkv(self.ln1(h)).split(e, dim=2)
         q, k, v = (a.view(b, t, self.heads, e // self.heads).transpose(1, 2) for a in (q, k, v))
-        if cache is not None:  # (B, N, T_past, E/N) each
-            k = torch.cat([cache[0], k], dim=2)
-            v = torch.cat([cache[1], v], dim=2)
+        if cache is not None:
+            cache[0][:, :, pos:pos + 1] = k
+            cache[1][:, :, pos:pos + 1] = v
+            k, v = cache[0][:, :, :pos + 1], cache[1][:, :, :pos + 1]
         att = F.scaled_dot_product_attention(
             q, k, v, is_causal=cache is None, dropout_p=self.dropout if self.training else 0.0
         )
         h = h + self.proj(att.transpose(1, 2).reshape(b, t, e))
-        h = h + self.mlp(self.ln2(h))
-        return h, (k, v)
+        return h + self.mlp(self.ln2(h))
 
 
 class AutoregressiveModel(GenerativeModel):
@@ -159,7 +176,7 @@ class AutoregressiveModel(GenerativeModel):
         inp = torch.cat([self.start(start)[:, None], self.tokens(tokens[:, :-1])], dim=1)
         h = self.drop(inp + self.positions)
         for block in self.blocks:
-            h, _ = block(h)
+            h = block(h)
         return self.head(self.ln_f(h))
 
     def _log_likelihood(self, tokens: Tensor, start: Tensor) -> Tensor:
@@ -190,22 +207,30 @@ class AutoregressiveModel(GenerativeModel):
         per_class = torch.stack(cols, dim=1)  # (B, K)
         return torch.logsumexp(per_class + self.class_prior.log(), dim=1)
 
+    def new_cache(self, batch: int, like: Tensor) -> KVCache:
+        c = self.config
+        return KVCache(c.layers, batch, c.heads, self.length, c.embed // c.heads, like)
+
+    def decode_step(self, h_in: Tensor, cache: KVCache, pos: int) -> Tensor:
+        """The last block's output (B, 1, E) for the input h_in (B, 1, E) at position pos,
+        attending to the cached positions before it (and caching its own)."""
+        h = h_in
+        for i, block in enumerate(self.blocks):
+            h = block(h, (cache.k[i], cache.v[i]), pos)
+        return h
+
     def _sample(self, noise: Noise, *, labels: Tensor | None, callback: StepCallback | None,
                 temperature: float, top_k: int) -> Tensor:
         b = len(noise)
         if self.config.num_classes and labels is None:
             labels = noise.categorical(self.class_prior.expand(b, -1))
         start = self._start_ids(labels, b, noise.device)
-        cache: KVCache | None = None
+        cache = self.new_cache(b, self.positions)
         h_in = self.start(start)[:, None] + self.positions[:1]  # (B, 1, E)
         out = torch.empty(b, self.length, dtype=torch.long, device=noise.device)
         for d in range(self.length):  # D steps, one token each, reusing the cache
-            # 1. attend from position d to the cached keys/values of positions < d
-            h, new_cache = h_in, []
-            for i, block in enumerate(self.blocks):
-                h, kv = block(h, None if cache is None else cache[i])
-                new_cache.append(kv)
-            cache = new_cache
+            # 1. attend from position d to the cached keys/values of positions <= d
+            h = self.decode_step(h_in, cache, d)
             # 2. draw x_d from the softmax (each sample from its own stream)
             logits = self.head(self.ln_f(h[:, -1])) / temperature  # (B, V)
             if top_k and top_k < logits.shape[-1]:

@@ -75,13 +75,9 @@ def _cached_log_likelihood(model: AutoregressiveModel, tokens: torch.Tensor,
     """log p(x) accumulated token by token through the KV-cache path used for sampling."""
     total = torch.zeros(tokens.shape[0])
     h_in = model.start(start)[:, None] + model.positions[:1]
-    cache = None
+    cache = model.new_cache(tokens.shape[0], model.positions)
     for d in range(tokens.shape[1]):
-        h, new_cache = h_in, []
-        for i, block in enumerate(model.blocks):
-            h, kv = block(h, None if cache is None else cache[i])
-            new_cache.append(kv)
-        cache = new_cache
+        h = model.decode_step(h_in, cache, d)
         logp = torch.log_softmax(model.head(model.ln_f(h[:, -1])), -1)
         total += logp.gather(1, tokens[:, d:d + 1]).squeeze(1)
         h_in = model.tokens(tokens[:, d])[:, None] + model.positions[d + 1:d + 2]
