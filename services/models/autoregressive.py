@@ -149,8 +149,7 @@ class AutoregressiveModel(GenerativeModel):
         self.blocks = nn.ModuleList(_Block(c.embed, c.heads, c.dropout) for _ in range(c.layers))
         self.ln_f = nn.LayerNorm(c.embed)
         self.head = nn.Linear(c.embed, c.levels)
-        self.register_buffer("class_prior", torch.full((max(c.num_classes, 1),),
-                                                       1.0 / max(c.num_classes, 1)))
+        self._init_class_prior()
 
     @property
     def data_dtype(self) -> torch.dtype:
@@ -223,7 +222,7 @@ class AutoregressiveModel(GenerativeModel):
                 temperature: float, top_k: int) -> Tensor:
         b = len(noise)
         if self.config.num_classes and labels is None:
-            labels = noise.categorical(self.class_prior.expand(b, -1))
+            labels = self._prior_labels(noise)
         start = self._start_ids(labels, b, noise.device)
         cache = self.new_cache(b, self.positions)
         h_in = self.start(start)[:, None] + self.positions[:1]  # (B, 1, E)

@@ -19,7 +19,7 @@ import abc
 import dataclasses
 import enum
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -105,6 +105,23 @@ class LossOutput:
     metrics: dict[str, float] = field(default_factory=dict)
 
 
+
+
+def _chunks(n: int, *rows: Any) -> Iterator[tuple[int, list[Any]]]:
+    """Chunks of exactly n rows of each of ``rows`` (lists, tensors of the same length, or
+    None), the last padded with copies of its own first row: yields (how many rows of the
+    chunk are real, the chunk of each). Callers drop the padding rows' results."""
+    b = len(next(r for r in rows if r is not None))
+    for lo in range(0, b, n):
+        k = min(n, b - lo)
+        parts = []
+        for r in rows:
+            part = None if r is None else r[lo:lo + n]
+            if part is not None and k < n:
+                part = (torch.cat([part, part[:1].expand(n - k, *part.shape[1:])])
+                        if isinstance(part, Tensor) else [*part, *[part[0]] * (n - k)])
+            parts.append(part)
+        yield k, parts
 
 
 @dataclass(frozen=True)
@@ -231,15 +248,10 @@ class GenerativeModel(nn.Module, abc.ABC):
             return self.postprocess(self._sample(noise, labels=labels, callback=callback,
                                                  **options))
         # batch invariance (config.invariant_batch): the whole sampler on chunks of n rows
-        outs = []
-        for lo in range(0, len(seeds), n):
-            chunk, part = list(seeds[lo:lo + n]), None if labels is None else labels[lo:lo + n]
-            k = len(chunk)
-            if k < n:  # copies of a real row: valid inputs with streams of their own, dropped
-                chunk += [chunk[0]] * (n - k)
-                part = None if part is None else torch.cat([part, part[:1].expand(n - k)])
-            noise = Noise(chunk, self.device)
-            outs.append(self._sample(noise, labels=part, callback=callback, **options)[:k])
+        # (padding rows are copies of a real row's seed: valid inputs, streams of their own)
+        outs = [self._sample(Noise(chunk, self.device), labels=part, callback=callback,
+                             **options)[:k]
+                for k, (chunk, part) in _chunks(n, list(seeds), labels)]
         return self.postprocess(torch.cat(outs))
 
     def check_sample_request(self, n: int, labels: Tensor | None, options: Mapping[str, Any]
@@ -364,6 +376,18 @@ class GenerativeModel(nn.Module, abc.ABC):
             raise InvalidArgument("data", "values must be finite and in [0, 1]")
         return self.postprocess(x.to(self.device))
 
+    def _init_class_prior(self) -> None:
+        """A ``class_prior`` buffer (uniform until ``prepare`` fits it to the training
+        labels): unlabelled calls to a conditional model draw each sample's class from it
+        (``_prior_labels``), and class-marginal scores weigh classes by it."""
+        k = max(self.config.num_classes, 1)
+        self.register_buffer("class_prior", torch.full((k,), 1.0 / k))
+
+    def _prior_labels(self, noise: Noise) -> Tensor:
+        """A class per sample drawn from ``class_prior`` with that sample's own stream."""
+        prior = self.get_buffer("class_prior")
+        return noise.categorical(prior.expand(len(noise), -1))
+
     def _fit_class_prior(self, labels: Tensor | None) -> None:
         """Set the ``class_prior`` buffer to the add-one-smoothed label frequencies."""
         prior = getattr(self, "class_prior", None)
@@ -387,15 +411,7 @@ class GenerativeModel(nn.Module, abc.ABC):
         b = next(r for r in rows if r is not None).shape[0]
         if not n or b == n:
             return fn(*rows)
-        outs = []
-        for lo in range(0, b, n):
-            parts = [None if r is None else r[lo:lo + n] for r in rows]
-            k = min(n, b - lo)
-            if k < n:  # valid inputs (copies of a real row); their results are dropped
-                parts = [None if p is None else torch.cat([p, p[:1].expand(n - k, *p.shape[1:])])
-                         for p in parts]
-            outs.append(fn(*parts)[:k])
-        return torch.cat(outs)
+        return torch.cat([fn(*parts)[:k] for k, parts in _chunks(n, *rows)])
 
     @staticmethod
     def _step(callback: StepCallback | None, step: int, total: int) -> None:

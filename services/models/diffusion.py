@@ -152,8 +152,7 @@ class DiffusionModel(GenerativeModel):
         self.register_buffer("betas", ddpm.betas.float().clone(), persistent=False)
         self.register_buffer("alphas_cumprod", ddpm.alphas_cumprod.float().clone(), persistent=False)
         # class frequencies of the training labels: unlabelled calls draw their class here
-        k = max(c.num_classes, 1)
-        self.register_buffer("class_prior", torch.full((k,), 1.0 / k))
+        self._init_class_prior()
         self._register_load_state_dict_pre_hook(self._default_class_prior)
 
     @staticmethod
@@ -330,7 +329,7 @@ class DiffusionModel(GenerativeModel):
         if self.config.num_classes and labels is None and unlabelled == "prior":
             # the conditional path with a class from each sample's own stream: the null
             # branch, trained on a tenth of the steps, gives worse samples
-            labels = noise.categorical(self.class_prior.expand(len(noise), -1))
+            labels = self._prior_labels(noise)
         if sampler == "ddim":
             x0 = self._ddim(x, labels, steps, guidance, callback)
         else:

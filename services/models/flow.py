@@ -99,8 +99,7 @@ class FlowModel(GenerativeModel):
                 bins=config.bins, passes=2, randperm=True, hidden_features=config.hidden,
             )
 
-        k = max(config.num_classes, 1)
-        self.register_buffer("class_prior", torch.full((k,), 1.0 / k))
+        self._init_class_prior()
 
     @property
     def latent_shape(self) -> tuple[int, ...]:
@@ -156,7 +155,7 @@ class FlowModel(GenerativeModel):
                 temperature: float) -> Tensor:
         z = noise.randn(self.num_dims) * temperature  # (B, D)
         if self.config.num_classes and labels is None:
-            labels = noise.categorical(self.class_prior.expand(len(noise), -1))
+            labels = self._prior_labels(noise)
         out = self._decode(z.view(-1, *self.data_shape), labels=labels, callback=None,
                            temperature=temperature)
         self._step(callback, 1, 1)

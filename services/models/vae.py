@@ -105,7 +105,7 @@ class VAEModel(GenerativeModel):
         self.prior_logvar = nn.Embedding(k + 1, c.latent_dim)
         nn.init.zeros_(self.prior_mu.weight)
         nn.init.zeros_(self.prior_logvar.weight)
-        self.register_buffer("class_prior", torch.full((max(k, 1),), 1.0 / max(k, 1)))
+        self._init_class_prior()
         self.register_buffer("steps_seen", torch.zeros((), dtype=torch.long))
 
     @property
@@ -194,7 +194,7 @@ class VAEModel(GenerativeModel):
         assert isinstance(self.config, VAEConfig)
         eps = noise.randn(self.config.latent_dim) * temperature  # (B, Z)
         if self.config.num_classes and labels is None:
-            labels = noise.categorical(self.class_prior.expand(len(noise), -1))
+            labels = self._prior_labels(noise)
         p_mu, p_logvar = self._prior(labels, len(eps), eps.device)
         z = p_mu + eps * (0.5 * p_logvar).exp()  # z ~ p(z | c)
         logits = self.invariant(self._logits, z, self._onehot(labels, len(z), z.device))
