@@ -278,9 +278,12 @@ def diffusion_saturation(target: str, store_root: str, duration_s: float,
 
 
 def low_load_overhead(target: str, address: str, calls: int, token: str | None,
-                      auth_mode: str | None = None) -> dict[str, Any]:
+                      auth_mode: str | None = None, bare_target: str | None = None
+                      ) -> dict[str, Any]:
     """p50 of one caller, 1-sample gan: through the gateway, and straight to a replica
-    with a Serve handle from this process (a Ray driver), alternately in 3 rounds."""
+    (its lane, and a Serve handle) from this process (a Ray driver), alternately in 3
+    rounds; with ``bare_target``, also the same client against the bare server: the
+    floor of the one gRPC hop the gateway adds (client process -> server -> client)."""
     os.environ["RAY_ENABLE_AUTO_CONNECT"] = "0"
     from ray import serve
 
@@ -324,13 +327,22 @@ def low_load_overhead(target: str, address: str, calls: int, token: str | None,
             row["lane_p50_ms"] = asyncio.run(via_lane())
         row["gateway_p50_ms"] = run_client(target, "gan", 1, duration_s=calls * 0.006,
                                            warmup_s=0.5, token=token)["p50_ms"]
+        if bare_target is not None:
+            row["bare_p50_ms"] = run_client(bare_target, "gan", 1, duration_s=calls * 0.003,
+                                            warmup_s=0.5)["p50_ms"]
         rounds.append(row)
     import ray
 
     ray.shutdown()
     direct = "lane_p50_ms" if lanes else "handle_p50_ms"
     added = statistics.median(r["gateway_p50_ms"] - r[direct] for r in rounds)
-    return {"rounds": rounds, "direct": direct, "added_p50_ms": added}
+    result = {"rounds": rounds, "direct": direct, "added_p50_ms": added}
+    if bare_target is not None:
+        result["bare_p50_ms"] = statistics.median(r["bare_p50_ms"] for r in rounds)
+        # what the gateway adds beyond the hop itself: its own work per call
+        result["added_beyond_hop_ms"] = statistics.median(
+            r["gateway_p50_ms"] - r[direct] - r["bare_p50_ms"] for r in rounds)
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -405,13 +417,22 @@ def run(args: argparse.Namespace) -> int:
                      f"{sat['raw_by_batch'][sat['raw_best_batch']]:.1f} = {sat['ratio']:.2f}",
                      ">= 0.9"))
     if args.address:
-        low = low_load_overhead(args.target, args.address, 400, args.token,
-                                getattr(args, "auth_mode", None))
+        with tempfile.TemporaryDirectory() as tmp:
+            bare = BareServer(sample_reply(args.target, "gan", args.token), Path(tmp) / "low")
+            try:
+                low = low_load_overhead(args.target, args.address, 400, args.token,
+                                        getattr(args, "auth_mode", None), bare.target)
+            finally:
+                bare.close()
         results["low_load"] = low
         rows.append(("gan 1 caller: gateway p50 - direct replica call p50 (ms)",
                      f"{low['added_p50_ms']:.2f} (" + ", ".join(
                          f"{r['gateway_p50_ms']:.2f}-{r[low['direct']]:.2f}"
                          for r in low["rounds"]) + ")", "<= 1"))
+        rows.append(("gan 1 caller: bare server p50, the added hop's floor (ms)",
+                     ", ".join(f"{r['bare_p50_ms']:.2f}" for r in low["rounds"]), ""))
+        rows.append(("gan 1 caller: gateway - direct - bare hop, the gateway's own (ms)",
+                     f"{low['added_beyond_hop_ms']:.2f}", ""))
         rows.append(("gan 1 caller p50 via a Serve handle, for comparison (ms)",
                      ", ".join(f"{r['handle_p50_ms']:.2f}" for r in low["rounds"]), ""))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
