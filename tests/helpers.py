@@ -50,11 +50,16 @@ def tiny_store(root: Path, families: list[str] | None = None, steps: int = 15) -
 
 
 class GatewayThread:
-    """Runs a Gateway on its own event loop in a daemon thread (for blocking tests)."""
+    """Runs a Gateway on its own event loop in a daemon thread (for blocking tests); the
+    loop is ``genfleet up``'s default unless ``loop`` says otherwise."""
 
     def __init__(self, make_backend: Callable[[], Backend], config: GatewayConfig,
-                 batches: Callable[[], BatchBackend] | None = None) -> None:
-        self.loop = asyncio.new_event_loop()
+                 batches: Callable[[], BatchBackend] | None = None, loop: str = "auto") -> None:
+        from services.gateway import event_loop
+
+        # the shipped default: uvloop where installed, as `genfleet up` runs the gateway
+        self.loop_kind = event_loop.resolve(loop)
+        self.loop = event_loop.new(self.loop_kind)
         self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self._thread.start()
         self.gateway: Gateway = self.run(self._start(make_backend, config, batches))

@@ -69,14 +69,14 @@ async def _bare_server(reply: bytes, port_file: str) -> None:
 class BareServer:
     """The bare server in a process of its own (as the gateway is)."""
 
-    def __init__(self, reply: bytes, workdir: Path) -> None:
+    def __init__(self, reply: bytes, workdir: Path, loop: str = "asyncio") -> None:
         workdir.mkdir(parents=True, exist_ok=True)
         reply_path, port_path = workdir / "reply.bin", workdir / "port"
         reply_path.write_bytes(reply)
         port_path.unlink(missing_ok=True)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cluster.bench.fastpath", "_bare", str(reply_path),
-             str(port_path)])
+             str(port_path), loop])
         deadline = time.monotonic() + 60
         while not port_path.exists() or not port_path.read_text():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -348,7 +348,9 @@ def low_load_overhead(target: str, address: str, calls: int, token: str | None,
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_bare":
-        asyncio.run(_bare_server(Path(argv[1]).read_bytes(), argv[2]))
+        from services.gateway import event_loop
+
+        event_loop.run(_bare_server(Path(argv[1]).read_bytes(), argv[2]), argv[3])
         return 0
     if argv and argv[0] == "_client":
         target, model, conc, dur, warm, samples = argv[1:7]
@@ -377,20 +379,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None,
                         help="a Ray cluster to join (e.g. auto): adds gateway vs direct replica "
                              "call at low load")
+    parser.add_argument("--bare-loop", default="auto", choices=("auto", "uvloop", "asyncio"),
+                        help="the bare server's event loop (auto: the gateway's default, "
+                             "uvloop where installed)")
     parser.add_argument("--out", default=".docs/bench/fastpath.json")
 
 
 def run(args: argparse.Namespace) -> int:
     import tempfile
 
+    from services.gateway import event_loop
+
+    loop = event_loop.resolve(getattr(args, "bare_loop", "auto"), "--bare-loop")
     results: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs", "target": args.target,
                                "duration_s": args.duration, "rounds": args.rounds,
+                               "bare_event_loop": loop,
+                               "gateway_event_loop": getattr(args, "gateway_loop", None),
                                "cells": []}
     rows: list[tuple[str, str, str]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models:
             reply = sample_reply(args.target, model, args.token)
-            bare = BareServer(reply, Path(tmp) / model)
+            bare = BareServer(reply, Path(tmp) / model, loop)
             try:
                 for conc in args.concurrency:
                     cell = compare(args.target, bare, model, conc, args.duration, args.rounds,
@@ -418,7 +428,8 @@ def run(args: argparse.Namespace) -> int:
                      ">= 0.9"))
     if args.address:
         with tempfile.TemporaryDirectory() as tmp:
-            bare = BareServer(sample_reply(args.target, "gan", args.token), Path(tmp) / "low")
+            bare = BareServer(sample_reply(args.target, "gan", args.token), Path(tmp) / "low",
+                              loop)
             try:
                 low = low_load_overhead(args.target, args.address, 400, args.token,
                                         getattr(args, "auth_mode", None), bare.target)
@@ -437,8 +448,9 @@ def run(args: argparse.Namespace) -> int:
                      ", ".join(f"{r['handle_p50_ms']:.2f}" for r in low["rounds"]), ""))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=2))
-    print_table(rows, title="fast path (medians of alternating rounds; per-round ratios)",
-                out=args.out)
+    loops = f"event loops: gateway {results['gateway_event_loop'] or 'unknown'}, bare {loop}"
+    print_table(rows, title=f"fast path (medians of alternating rounds; per-round ratios; "
+                            f"{loops})", out=args.out)
     for cell in results["cells"]:
         served, bare = cell["cpu_ms_per_call_served"], cell["cpu_ms_per_call_bare"]
         if served:

@@ -11,7 +11,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cluster.cli.common import client_args, open_store, parse_sets, up_cluster
+from cluster.cli.common import client_args, open_store, parse_sets, run_dir, up_cluster
+
+
+def _gateway_loop(store: Any) -> str | None:
+    """The event loop of the gateway ``genfleet up`` runs for ``store`` (its run state)."""
+    try:
+        loop = json.loads((run_dir(store) / "up.json").read_text()).get("event_loop")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return loop if isinstance(loop, str) else None
 
 
 def cmd_fastpath(args: argparse.Namespace) -> int:
@@ -25,7 +34,8 @@ def cmd_fastpath(args: argparse.Namespace) -> int:
         rounds=args.rounds, threads=args.threads,
         store=str(store.root) if up and not args.no_raw else None,
         address=up[0] if up and not args.no_direct else None,
-        auth_mode=up[1] if up else None,
+        auth_mode=up[1] if up else None, bare_loop=args.bare_loop,
+        gateway_loop=_gateway_loop(store),
         out=args.json or ".docs/bench/fastpath.json")
     return fastpath.run(ns)
 
@@ -73,6 +83,9 @@ def add_parsers(sub: Any) -> None:
                    help="fast path: torch threads of the raw diffusion run (the replicas')")
     p.add_argument("--no-raw", action="store_true",
                    help="fast path: skip diffusion vs the raw model (needs the served store)")
+    p.add_argument("--bare-loop", default="auto", choices=("auto", "uvloop", "asyncio"),
+                   help="fast path: the bare server's event loop (auto: as the gateway's "
+                        "default, uvloop where installed)")
     p.add_argument("--no-direct", action="store_true",
                    help="fast path: skip the gateway vs direct replica call (joins Ray)")
     p.add_argument("--warmup", type=float, default=2.0)

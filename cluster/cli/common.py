@@ -135,6 +135,14 @@ def gateway_config(args: argparse.Namespace) -> Any:
     return config
 
 
+def gateway_loop(args: argparse.Namespace) -> str:
+    """The event loop the gateway process runs on (``uvloop`` or ``asyncio``), from
+    ``--event-loop``; ``uvloop`` asked for where it is not installed refuses (exit 2)."""
+    from services.gateway import event_loop
+
+    return event_loop.resolve(args.event_loop)
+
+
 def gateway_args(p: argparse.ArgumentParser) -> None:
     """Flags of the gRPC gateway (``up`` and ``gateway``)."""
     p.add_argument("--host", default="127.0.0.1")
@@ -157,6 +165,9 @@ def gateway_args(p: argparse.ArgumentParser) -> None:
                    help="also serve grpc.health.v1 alone, in plaintext and without auth, on this "
                         "port (for Kubernetes gRPC probes, which speak no TLS; -1: none)")
     p.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")
+    p.add_argument("--event-loop", default="auto", choices=("auto", "uvloop", "asyncio"),
+                   help="the gateway's asyncio event loop: uvloop costs less per call (auto: "
+                        "uvloop where installed, as it is with ray[serve]; else asyncio)")
 
 
 def security_note(gateway: Any) -> str:

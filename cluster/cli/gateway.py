@@ -4,20 +4,20 @@ else deployed (e.g. a KubeRay RayService)."""
 from __future__ import annotations
 
 import argparse
-import asyncio
 from pathlib import Path
 from typing import Any
 
 from cluster.cli.common import (
     gateway_args,
     gateway_config,
+    gateway_loop,
     open_store,
     security_note,
     serve_until_signal,
 )
 
 
-async def _gateway(args: argparse.Namespace, settings: Any) -> None:
+async def _gateway(args: argparse.Namespace, settings: Any, loop: str) -> None:
     from services.gateway.grpc_server import Gateway
     from services.serving.serve_backend import ServeBackend
 
@@ -30,7 +30,7 @@ async def _gateway(args: argparse.Namespace, settings: Any) -> None:
 
     async def announce(port: int) -> None:
         print(f"genfleet gateway on {args.host}:{port} for Serve application {args.app!r}"
-              f"{security_note(gateway)}", flush=True)
+              f"{security_note(gateway)}, event loop {loop}", flush=True)
         print("  OIP v2 gRPC on the same port (inference.GRPCInferenceService)", flush=True)
         if gateway.http_port is not None:
             scheme = "https" if gateway.config.tls else "http"
@@ -44,14 +44,16 @@ async def _gateway(args: argparse.Namespace, settings: Any) -> None:
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
+    from services.gateway import event_loop
     from services.serving import ray_cluster
 
     settings = gateway_config(args)  # a misconfiguration refuses before any work
+    loop = gateway_loop(args)
     if args.join:
         ray_cluster.join_node(args.join)
     ray_cluster.connect("auto" if args.join else args.address)
     try:
-        asyncio.run(_gateway(args, settings))
+        event_loop.run(_gateway(args, settings, loop), loop)
     finally:
         ray_cluster.stop_cluster(embedded=False)
     return 0

