@@ -128,12 +128,11 @@ def _demo(target: str, models: list[str], out: Path, args: argparse.Namespace) -
 
 
 def cmd_up(args: argparse.Namespace) -> int:
+    from services.gateway import event_loop
     from services.serving import operations, ray_cluster
     from services.serving.config import load_config
 
     started = time.perf_counter()
-    from services.gateway import event_loop
-
     settings = gateway_config(args)  # a misconfiguration refuses before any work
     loop = gateway_loop(args)
     store = open_store(args)
