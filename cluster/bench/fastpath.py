@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.bench import print_table
+from services.gateway import event_loop
 
 SERVICE = "genfleet.v1.GenerationService"
 GATEWAY_LABEL = "gateway (genfleet up: gRPC, coalescing, Ray driver)"
@@ -348,8 +349,6 @@ def low_load_overhead(target: str, address: str, calls: int, token: str | None,
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "_bare":
-        from services.gateway import event_loop
-
         event_loop.run(_bare_server(Path(argv[1]).read_bytes(), argv[2]), argv[3])
         return 0
     if argv and argv[0] == "_client":
@@ -379,7 +378,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--address", default=None,
                         help="a Ray cluster to join (e.g. auto): adds gateway vs direct replica "
                              "call at low load")
-    parser.add_argument("--bare-loop", default="auto", choices=("auto", "uvloop", "asyncio"),
+    parser.add_argument("--bare-loop", default="auto", choices=event_loop.CHOICES,
                         help="the bare server's event loop (auto: the gateway's default, "
                              "uvloop where installed)")
     parser.add_argument("--out", default=".docs/bench/fastpath.json")
@@ -388,9 +387,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     import tempfile
 
-    from services.gateway import event_loop
-
-    loop = event_loop.resolve(getattr(args, "bare_loop", "auto"), "--bare-loop")
+    loop = event_loop.resolve(args.bare_loop, "--bare-loop")
     results: dict[str, Any] = {"machine": f"{os.cpu_count()} CPUs", "target": args.target,
                                "duration_s": args.duration, "rounds": args.rounds,
                                "bare_event_loop": loop,

@@ -11,16 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from cluster.cli.common import client_args, open_store, parse_sets, run_dir, up_cluster
-
-
-def _gateway_loop(store: Any) -> str | None:
-    """The event loop of the gateway ``genfleet up`` runs for ``store`` (its run state)."""
-    try:
-        loop = json.loads((run_dir(store) / "up.json").read_text()).get("event_loop")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return loop if isinstance(loop, str) else None
+from cluster.cli.common import client_args, open_store, parse_sets, up_cluster, up_state
+from services.gateway.event_loop import CHOICES as EVENT_LOOPS
 
 
 def cmd_fastpath(args: argparse.Namespace) -> int:
@@ -28,6 +20,7 @@ def cmd_fastpath(args: argparse.Namespace) -> int:
 
     store = open_store(args)
     up = up_cluster(store)  # genfleet up runs here, on this store (its Ray cluster)
+    gateway_loop = (up_state(store) or {}).get("event_loop")
     ns = argparse.Namespace(
         target=args.target, token=args.token or os.environ.get("GENFLEET_TOKEN"),
         models=args.models, concurrency=args.callers, duration=args.duration,
@@ -35,7 +28,7 @@ def cmd_fastpath(args: argparse.Namespace) -> int:
         store=str(store.root) if up and not args.no_raw else None,
         address=up[0] if up and not args.no_direct else None,
         auth_mode=up[1] if up else None, bare_loop=args.bare_loop,
-        gateway_loop=_gateway_loop(store),
+        gateway_loop=gateway_loop if isinstance(gateway_loop, str) else None,
         out=args.json or ".docs/bench/fastpath.json")
     return fastpath.run(ns)
 
@@ -83,7 +76,7 @@ def add_parsers(sub: Any) -> None:
                    help="fast path: torch threads of the raw diffusion run (the replicas')")
     p.add_argument("--no-raw", action="store_true",
                    help="fast path: skip diffusion vs the raw model (needs the served store)")
-    p.add_argument("--bare-loop", default="auto", choices=("auto", "uvloop", "asyncio"),
+    p.add_argument("--bare-loop", default="auto", choices=EVENT_LOOPS,
                    help="fast path: the bare server's event loop (auto: as the gateway's "
                         "default, uvloop where installed)")
     p.add_argument("--no-direct", action="store_true",

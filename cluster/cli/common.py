@@ -17,6 +17,7 @@ from typing import Any
 
 from services.core.errors import InvalidArgument
 from services.core.store import ModelStore
+from services.gateway import event_loop
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 
@@ -53,12 +54,9 @@ def run_dir(store: ModelStore) -> Path:
     return path
 
 
-def up_cluster(store: ModelStore) -> tuple[str, str] | None:
-    """(Ray address, Ray auth mode) of the cluster ``genfleet up`` runs for ``store``
-    (recorded in its run state), or None when none runs. Commands that join "the running
-    cluster" use it before Ray's ``auto`` (``join_cluster``): with two Ray clusters on one
-    machine (a test session's beside ``genfleet up``'s), ``auto`` joins whichever ``ps``
-    lists first."""
+def up_state(store: ModelStore) -> dict[str, Any] | None:
+    """The run state of the ``genfleet up`` that runs for ``store`` (its ``up.json``), or
+    None when none runs: no file, an unreadable one, or one left by a killed ``up``."""
     path = run_dir(store) / "up.json"
     try:
         state = json.loads(path.read_text())
@@ -70,8 +68,20 @@ def up_cluster(store: ModelStore) -> tuple[str, str] | None:
     if not isinstance(pid, int) or pid <= 0:
         return None
     try:
-        os.kill(pid, 0)  # a state file left by a killed ``up`` names no cluster
+        os.kill(pid, 0)  # a state file left by a killed ``up`` names nothing that runs
     except OSError:
+        return None
+    return state
+
+
+def up_cluster(store: ModelStore) -> tuple[str, str] | None:
+    """(Ray address, Ray auth mode) of the cluster ``genfleet up`` runs for ``store``
+    (recorded in its run state), or None when none runs. Commands that join "the running
+    cluster" use it before Ray's ``auto`` (``join_cluster``): with two Ray clusters on one
+    machine (a test session's beside ``genfleet up``'s), ``auto`` joins whichever ``ps``
+    lists first."""
+    state = up_state(store)
+    if state is None:
         return None
     address = state.get("ray_address")
     if not isinstance(address, str) or not address:
@@ -138,8 +148,6 @@ def gateway_config(args: argparse.Namespace) -> Any:
 def gateway_loop(args: argparse.Namespace) -> str:
     """The event loop the gateway process runs on (``uvloop`` or ``asyncio``), from
     ``--event-loop``; ``uvloop`` asked for where it is not installed refuses (exit 2)."""
-    from services.gateway import event_loop
-
     return event_loop.resolve(args.event_loop)
 
 
@@ -165,7 +173,7 @@ def gateway_args(p: argparse.ArgumentParser) -> None:
                    help="also serve grpc.health.v1 alone, in plaintext and without auth, on this "
                         "port (for Kubernetes gRPC probes, which speak no TLS; -1: none)")
     p.add_argument("--grace", type=float, default=10.0, help="shutdown grace period, seconds")
-    p.add_argument("--event-loop", default="auto", choices=("auto", "uvloop", "asyncio"),
+    p.add_argument("--event-loop", default="auto", choices=event_loop.CHOICES,
                    help="the gateway's asyncio event loop: uvloop costs less per call (auto: "
                         "uvloop where installed, as it is with ray[serve]; else asyncio)")
 

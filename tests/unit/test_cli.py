@@ -170,7 +170,7 @@ def test_commands_join_the_cluster_genfleet_up_recorded_not_any_local_one(
     import subprocess
     import sys
 
-    from cluster.cli.common import run_dir, up_cluster
+    from cluster.cli.common import run_dir, up_cluster, up_state
 
     store = ModelStore(tmp_path / "store")
     state = run_dir(store) / "up.json"
@@ -179,12 +179,14 @@ def test_commands_join_the_cluster_genfleet_up_recorded_not_any_local_one(
     assert up_cluster(store) == ("10.0.0.7:6379", "")
     # Ray turns its token auth on by itself only for `auto`: the recorded mode goes along
     state.write_text(json.dumps({"pid": os.getpid(), "ray_address": "10.0.0.7:6379",
-                                 "ray_auth_mode": "token"}))
+                                 "ray_auth_mode": "token", "event_loop": "uvloop"}))
     assert up_cluster(store) == ("10.0.0.7:6379", "token")
+    assert (up_state(store) or {}).get("event_loop") == "uvloop"  # genfleet bench reports it
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)
     state.write_text(json.dumps({"pid": int(gone.stdout), "ray_address": "10.0.0.7:6379"}))
     assert up_cluster(store) is None  # its up was killed: not a cluster to join
+    assert up_state(store) is None
     for broken in ("{", "[]", json.dumps({"pid": 0, "ray_address": "x:1"}),
                    json.dumps({"pid": os.getpid()}), json.dumps({"pid": "1", "ray_address": 1})):
         state.write_text(broken)
